@@ -1,0 +1,253 @@
+"""Keras 3 ``.weights.h5`` and sharded ``.weights.json``: reader and lossless writer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FormatError, SurgeonError, WriteError
+from .. import atomic
+from . import keras_layout
+from .h5tree import DS, Node, snapshot
+
+
+def open_h5(source, label) -> h5py.File:
+    """Open an HDF5 file (path or file object) read-only, with a one-line error."""
+    try:
+        return h5py.File(source, "r")
+    except FileNotFoundError:
+        raise FormatError(f"{label}: no such file") from None
+    except OSError as exc:
+        raise FormatError(f"{label}: not a readable HDF5 file (truncated or corrupt): "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def to_numpy(ds: h5py.Dataset, bf16: bool) -> np.ndarray:
+    arr = ds[()]
+    arr = np.asarray(arr)
+    if bf16:
+        import ml_dtypes
+        arr = arr.view(ml_dtypes.bfloat16) if arr.dtype.itemsize == 2 else arr.astype(ml_dtypes.bfloat16)
+    return arr
+
+
+class KerasH5Reader:
+    """Canonical view of Keras 3 weights stored in one or more H5 files."""
+
+    format = "keras-weights-h5"
+
+    def __init__(self, path, files, model_json=None, label=None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self._files = files
+        try:
+            self._root = snapshot(files)
+            self._build(model_json)
+        except SurgeonError:
+            self.close()
+            raise
+        except (KeyError, ValueError, OSError, RuntimeError) as exc:
+            self.close()
+            raise FormatError(f"{self.label}: damaged Keras weights structure: {exc}") from None
+
+    def _build(self, model_json):
+        if "layers" not in self._root and "vars" not in self._root:
+            raise FormatError(f"{self.label}: no Keras 3 weights found "
+                              "(expected groups 'layers/.../vars'); is this a legacy Keras H5?")
+        with_config = model_json is not None
+        cls = model_json.get("class_name") if with_config else None
+        cfg = model_json.get("config") if with_config else None
+        root = keras_layout.build_objects(self._root, "", "", cls, cfg,
+                                          (cfg or {}).get("trainable", True), with_config)
+        entries, trainable, candidates, certain = keras_layout.layer_entries(self._root, root, with_config)
+        opt_cfg = ((model_json or {}).get("compile_config") or {}).get("optimizer")
+        if isinstance(opt_cfg, str):
+            opt_cfg = {"class_name": opt_cfg, "config": {}}
+        oentries, self.optimizer, self.notes = keras_layout.optimizer_entries(
+            self._root, opt_cfg, trainable, candidates, with_config and certain, self._dataset)
+        self._entries = entries + oentries
+        self._by_name = {}
+        for e in self._entries:
+            if e.name in self._by_name:
+                raise FormatError(f"{self.label}: two tensors map to the canonical name {e.name!r}")
+            self._by_name[e.name] = e
+
+    # -- reader protocol ---------------------------------------------------------------
+    def entries(self):
+        return list(self._entries)
+
+    def entry(self, name):
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SurgeonError(f"{self.label}: no tensor named {name!r}") from None
+
+    def _dataset(self, key) -> h5py.Dataset:
+        ds = self._root[key]
+        return self._files[ds.file_index][ds.path]
+
+    def read(self, name) -> np.ndarray:
+        e = self.entry(name)
+        try:
+            return to_numpy(self._dataset(e.key), e.dtype == "bfloat16")
+        except OSError as exc:
+            raise FormatError(f"{self.label}: cannot read {name}: {str(exc).splitlines()[0]}") from None
+
+    def metadata(self) -> dict:
+        return {"format": self.format, "path": str(self.path),
+                "optimizer": self.optimizer.to_json() if self.optimizer else None,
+                "notes": list(self.notes)}
+
+    def structure(self) -> Node:
+        return self._root
+
+    def close(self):
+        for f in self._files:
+            try:
+                f.close()
+            except Exception:  # closing twice or after a failed open
+                pass
+        self._files = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_model_json(model) -> dict | None:
+    """The model config from ``--model``: a ``.keras`` file or a ``config.json``."""
+    if model is None:
+        return None
+    model = Path(model)
+    if not model.exists():
+        raise SurgeonError(f"{model}: no such file (--model expects a .keras file or config.json)")
+    if model.suffix == ".keras":
+        from .keras_zip import read_zip_json
+        return read_zip_json(model, "config.json")
+    try:
+        return json.loads(model.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{model}: not a JSON model config: {exc}") from None
+
+
+def open_weights_h5(path, model=None):
+    return KerasH5Reader(path, [open_h5(path, str(path))], read_model_json(model))
+
+
+def open_sharded(path, model=None):
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text())
+        names = sorted({f for files in index["weight_map"].values()
+                        for f in (files if isinstance(files, list) else [files])})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{path}: not a Keras sharded weights index: {exc}") from None
+    files = []
+    try:
+        for n in names:
+            files.append(open_h5(path.with_name(n), str(path.with_name(n))))
+    except SurgeonError:
+        for f in files:
+            f.close()
+        raise
+    r = KerasH5Reader(path, files, read_model_json(model))
+    r.format = "keras-weights-sharded"
+    r.shard_names = names
+    return r
+
+
+class KerasH5Writer:
+    """Writes a copy of a Keras H5 reader's files with some tensors replaced.
+
+    Every group, attr and untouched dataset is copied as stored (bit-identical).
+    """
+
+    def __init__(self, reader: KerasH5Reader, targets):
+        self.reader = reader
+        self.targets = [Path(t) for t in targets]
+        self._tmps = [atomic.temp_path(t) for t in self.targets]
+        self._out = [h5py.File(t, "w") for t in self._tmps]
+        self._written = set()
+
+    def write(self, name, array):
+        e = self.reader.entry(name)
+        src = self.reader._root[e.key]
+        out = self._out[src.file_index]
+        if src.path in out:
+            del out[src.path]
+        arr = np.asarray(array)
+        bf16 = arr.dtype.name == "bfloat16"
+        ds = out.create_dataset(src.path, data=arr.view(np.uint16) if bf16 else arr)
+        for k, v in src.attrs.items():
+            if k != "dtype":
+                ds.attrs[k] = v
+        if bf16:
+            ds.attrs["dtype"] = "bfloat16"
+        self._written.add(e.key)
+
+    def copy_from(self, reader, name):
+        self.write(name, reader.read(name))
+
+    def _copy_rest(self):
+        def visit(node: Node):
+            for key, item in node.items.items():
+                if isinstance(item, Node):
+                    for out in self._out:
+                        g = out.require_group(item.path)
+                        for k, v in item.attrs.items():
+                            g.attrs[k] = v
+                    visit(item)
+                elif item.path not in self._written:
+                    src_file = self.reader._files[item.file_index]
+                    parent = self._out[item.file_index].require_group(node.path or "/")
+                    src_file.copy(src_file[item.path], parent, name=key)
+
+        root = self.reader._root
+        for i, out in enumerate(self._out):
+            src = self.reader._files[i]
+            for k in src.attrs.keys():
+                out.attrs[k] = src.attrs[k]
+        visit(root)
+
+    def _prune_empty_shard_groups(self):
+        """Sharded outputs: keep each shard's groups as the source shard had them."""
+        for i, out in enumerate(self._out):
+            src = self.reader._files[i]
+            extra = []
+            out.visit(lambda n: extra.append(n) if n not in src else None)
+            for n in sorted(extra, key=len, reverse=True):
+                if n in out and isinstance(out[n], h5py.Group) and len(out[n]) == 0:
+                    del out[n]
+
+    def finalize(self):
+        try:
+            self._copy_rest()
+            if len(self._out) > 1:
+                self._prune_empty_shard_groups()
+            for out in self._out:
+                out.close()
+            for tmp, target in zip(self._tmps, self.targets):
+                atomic.commit(tmp, target)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(f"cannot write {self.targets[0]}: {exc}") from None
+        return self.targets[0]
+
+    def abort(self):
+        for out in self._out:
+            try:
+                out.close()
+            except Exception:
+                pass
+        atomic.discard(*self._tmps)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,210 @@
+"""Keras 3 ``.keras`` archives: reader and lossless writer.
+
+The archive holds ``metadata.json``, ``config.json`` and ``model.weights.h5`` (plus
+optional ``assets/``). Keras stores members uncompressed, so the inner H5 is read in
+place through a window onto the zip file -- nothing is extracted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import FormatError, SurgeonError, WriteError
+from .. import atomic
+from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5
+
+WEIGHTS = "model.weights.h5"
+MAX_RATIO = 200  # reject members that expand more than this (zip bombs)
+
+
+class MemberFile(io.RawIOBase):
+    """Read-only, seekable window onto an uncompressed zip member."""
+
+    def __init__(self, path, offset, size):
+        super().__init__()
+        self._f = open(path, "rb")
+        self._start, self._size, self._pos = offset, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self._size - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got
+        return got
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+def _data_offset(path, info: zipfile.ZipInfo) -> int:
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise FormatError(f"{path}: corrupt .keras archive (bad local header for {info.filename})")
+    n, m = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + n + m
+
+
+def _open_zip(path) -> zipfile.ZipFile:
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not a valid .keras archive (truncated or corrupt zip): {exc}") from None
+    for info in zf.infolist():
+        name = info.filename
+        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+            zf.close()
+            raise FormatError(f"{path}: unsafe member name {name!r} in .keras archive")
+        if info.compress_size and info.file_size > MAX_RATIO * info.compress_size + 1_000_000:
+            zf.close()
+            raise FormatError(f"{path}: member {name!r} has an absurd compression ratio")
+    return zf
+
+
+def read_zip_json(path, member) -> dict:
+    with _open_zip(path) as zf:
+        try:
+            return json.loads(zf.read(member))
+        except KeyError:
+            raise FormatError(f"{path}: .keras archive has no {member}") from None
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            raise FormatError(f"{path}: {member} is damaged: {exc}") from None
+
+
+class KerasZipReader(KerasH5Reader):
+    """Canonical view of a ``.keras`` file."""
+
+    format = "keras"
+
+    def __init__(self, path):
+        path = Path(path)
+        self.zip_path = path
+        self._tmpdir = None
+        zf = _open_zip(path)
+        try:
+            self.members = zf.infolist()
+            names = [i.filename for i in self.members]
+            for need in ("config.json", WEIGHTS):
+                if need not in names:
+                    raise FormatError(f"{path}: .keras archive has no {need}")
+            self.raw = {i.filename: zf.read(i) for i in self.members if i.filename != WEIGHTS
+                        and not i.is_dir() and i.file_size < 64 * 2**20}
+            info = zf.getinfo(WEIGHTS)
+            h5src = self._weights_source(path, zf, info)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise FormatError(f"{path}: corrupt .keras archive: {exc}") from None
+        finally:
+            zf.close()
+        try:
+            self.config = json.loads(self.raw["config.json"])
+            self.keras_metadata = json.loads(self.raw.get("metadata.json", b"{}"))
+        except ValueError as exc:
+            raise FormatError(f"{path}: config.json/metadata.json is not valid JSON: {exc}") from None
+        super().__init__(path, [open_h5(h5src, f"{path}!{WEIGHTS}")], self.config)
+
+    def _weights_source(self, path, zf, info):
+        if info.compress_type == zipfile.ZIP_STORED:
+            return MemberFile(path, _data_offset(path, info), info.file_size)
+        self._tmpdir = tempfile.mkdtemp(prefix="surgeon-")
+        out = Path(self._tmpdir) / WEIGHTS
+        with zf.open(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return str(out)
+
+    def metadata(self):
+        md = super().metadata()
+        md["keras_version"] = self.keras_metadata.get("keras_version")
+        return md
+
+    def close(self):
+        super().close()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+class KerasZipWriter:
+    """Writes a ``.keras`` like the reader's, with some tensors (or the config) replaced."""
+
+    def __init__(self, reader: KerasZipReader, target):
+        self.reader = reader
+        self.target = Path(target)
+        self._h5 = KerasH5Writer(reader, [self.target.with_name(self.target.name + ".weights.h5")])
+        self._replace = {}
+
+    def write(self, name, array):
+        self._h5.write(name, array)
+
+    def copy_from(self, reader, name):
+        self._h5.copy_from(reader, name)
+
+    def set_member(self, member, data: bytes):
+        """Replace a non-weights member (e.g. ``config.json``) with ``data``."""
+        self._replace[member] = data
+
+    def finalize(self):
+        h5_tmp = self._h5._tmps[0]
+        try:
+            self._h5._copy_rest()
+            for out in self._h5._out:
+                out.close()
+        except OSError as exc:
+            self.abort()
+            raise WriteError(f"cannot write {self.target}: {exc}") from None
+        zip_tmp = atomic.temp_path(self.target)
+        try:
+            self._write_zip(zip_tmp, h5_tmp)
+            atomic.commit(zip_tmp, self.target)
+        except (OSError, zipfile.BadZipFile) as exc:
+            atomic.discard(zip_tmp)
+            raise WriteError(f"cannot write {self.target}: {exc}") from None
+        finally:
+            atomic.discard(h5_tmp)
+        return self.target
+
+    def _write_zip(self, zip_tmp, h5_tmp):
+        with zipfile.ZipFile(self.reader.zip_path) as src, zipfile.ZipFile(zip_tmp, "w") as dst:
+            for info in self.reader.members:
+                if info.filename == WEIGHTS:
+                    new = zipfile.ZipInfo(info.filename, info.date_time)
+                    new.compress_type, new.external_attr = zipfile.ZIP_STORED, info.external_attr
+                    with open(h5_tmp, "rb") as f, dst.open(new, "w", force_zip64=True) as w:
+                        shutil.copyfileobj(f, w, 1 << 22)
+                elif info.filename in self._replace:
+                    dst.writestr(info, self._replace[info.filename])
+                else:
+                    with src.open(info) as r, dst.open(info, "w", force_zip64=info.file_size > 2**31) as w:
+                        shutil.copyfileobj(r, w, 1 << 22)
+
+    def abort(self):
+        self._h5.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,108 @@
+"""Optimizer variable layouts (Keras 3): which slots each optimizer keeps, in what order.
+
+A layout is a list of *groups*; each group lists slot names that are interleaved per
+trainable variable. Groups follow each other. Example: Adam with amsgrad is
+``[["momentum", "velocity"], ["velocity_hat"]]`` -> m0 v0 m1 v1 ... vh0 vh1 ...
+RMSprop with momentum is ``[["velocity"], ["momentum"]]`` (all velocities, then all
+momentums). Checked against ``optimizer.variables`` of the installed Keras (tests).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Optimizer class name -> storage name stem (Keras snake-cases the class name).
+_STEMS = {
+    "Adam": "adam", "AdamW": "adam_w", "SGD": "sgd", "RMSprop": "rm_sprop",
+    "Adagrad": "adagrad", "Adadelta": "adadelta", "Adamax": "adamax", "Nadam": "nadam",
+    "Ftrl": "ftrl", "Lion": "lion", "Lamb": "lamb",
+}
+_CLASS_BY_STEM = {v: k for k, v in _STEMS.items()}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One concrete optimizer variable layout."""
+
+    class_name: str
+    groups: tuple  # tuple of tuples of slot names
+    trailing: tuple = ()  # optimizer-global variables after the slots (Nadam: u_product)
+    variant: str = ""
+
+    @property
+    def slots(self) -> tuple:
+        return tuple(s for g in self.groups for s in g)
+
+    def order(self, params):
+        """(param, slot) pairs in storage order for ``params`` (a list of param names)."""
+        out = []
+        for group in self.groups:
+            for p in params:
+                for s in group:
+                    out.append((p, s))
+        return out
+
+
+def _truthy(cfg, key, default=False):
+    v = cfg.get(key, default)
+    return bool(v) if not isinstance(v, (int, float)) else v != 0
+
+
+def layout_for(class_name: str, config: dict) -> Layout | None:
+    """The exact layout for an optimizer config (from a ``.keras`` compile config)."""
+    c = config or {}
+    if class_name in ("Adam", "AdamW"):
+        groups = [("momentum", "velocity")]
+        if _truthy(c, "amsgrad"):
+            groups.append(("velocity_hat",))
+        return Layout(class_name, tuple(groups), variant="amsgrad" if len(groups) > 1 else "")
+    if class_name == "Nadam":
+        return Layout(class_name, (("momentum", "velocity"),), trailing=("u_product",))
+    if class_name == "Lamb":
+        return Layout(class_name, (("momentum", "velocity"),))
+    if class_name == "Adamax":
+        return Layout(class_name, (("momentum", "norm"),))
+    if class_name == "SGD":
+        groups = (("momentum",),) if _truthy(c, "momentum") else ()
+        return Layout(class_name, groups, variant="momentum" if groups else "")
+    if class_name == "RMSprop":
+        groups = [("velocity",)]
+        if _truthy(c, "momentum"):
+            groups.append(("momentum",))
+        if _truthy(c, "centered"):
+            groups.append(("average_gradient",))
+        return Layout(class_name, tuple(groups))
+    if class_name == "Adagrad":
+        return Layout(class_name, (("accumulator",),))
+    if class_name == "Adadelta":
+        return Layout(class_name, (("accumulated_grad", "accumulated_delta_var"),))
+    if class_name == "Ftrl":
+        return Layout(class_name, (("accumulator", "linear"),))
+    if class_name == "Lion":
+        return Layout(class_name, (("momentum",),))
+    return None
+
+
+def candidate_layouts(storage_name: str) -> list[Layout]:
+    """Every layout an optimizer stored under ``storage_name`` (e.g. ``rm_sprop_1``) may use."""
+    cls = class_from_storage_name(storage_name)
+    if cls is None:
+        return []
+    variants = {
+        "Adam": [{}, {"amsgrad": True}], "AdamW": [{}, {"amsgrad": True}],
+        "SGD": [{}, {"momentum": 0.9}],
+        "RMSprop": [{}, {"momentum": 0.9}, {"centered": True},
+                    {"momentum": 0.9, "centered": True}],
+    }.get(cls, [{}])
+    return [layout_for(cls, v) for v in variants]
+
+
+def class_from_storage_name(storage_name: str) -> str | None:
+    """``adam_w_2`` -> ``AdamW``; None when unknown."""
+    stem = storage_name
+    while stem not in _CLASS_BY_STEM:
+        m = re.match(r"^(.*)_\d+$", stem)
+        if not m:
+            return None
+        stem = m.group(1)
+    return _CLASS_BY_STEM[stem]
