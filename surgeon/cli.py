@@ -60,3 +60,15 @@ def ls_cmd(checkpoint, model, as_json):
         click.echo(json.dumps(ls_json(meta, entries), indent=1))
     else:
         click.echo(ls_text(meta, entries))
+
+
+def _register_commands():
+    """Commands live in their own modules (surgeon/cli_*.py); each defines ``register(main)``."""
+    import importlib
+    import importlib.util
+    for name in ("cli_apply", "cli_convert", "cli_diff", "cli_resume", "cli_tools"):
+        if importlib.util.find_spec(f"surgeon.{name}") is not None:
+            importlib.import_module(f"surgeon.{name}").register(main)
+
+
+_register_commands()

@@ -193,41 +193,31 @@ class KerasH5Writer:
         self.write(name, reader.read(name))
 
     def _copy_rest(self):
+        """Recreate every source group (with its attrs, per file) and copy unwritten datasets."""
+        for src, out in zip(self.reader._files, self._out):
+            for k in src.attrs.keys():
+                out.attrs[k] = src.attrs[k]
+            groups = []
+            src.visititems(lambda n, o: groups.append(n) if isinstance(o, h5py.Group) else None)
+            for name in groups:
+                g = out.require_group(name)
+                for k, v in src[name].attrs.items():
+                    g.attrs[k] = v
+
         def visit(node: Node):
             for key, item in node.items.items():
                 if isinstance(item, Node):
-                    for out in self._out:
-                        g = out.require_group(item.path)
-                        for k, v in item.attrs.items():
-                            g.attrs[k] = v
                     visit(item)
                 elif item.path not in self._written:
                     src_file = self.reader._files[item.file_index]
                     parent = self._out[item.file_index].require_group(node.path or "/")
                     src_file.copy(src_file[item.path], parent, name=key)
 
-        root = self.reader._root
-        for i, out in enumerate(self._out):
-            src = self.reader._files[i]
-            for k in src.attrs.keys():
-                out.attrs[k] = src.attrs[k]
-        visit(root)
-
-    def _prune_empty_shard_groups(self):
-        """Sharded outputs: keep each shard's groups as the source shard had them."""
-        for i, out in enumerate(self._out):
-            src = self.reader._files[i]
-            extra = []
-            out.visit(lambda n: extra.append(n) if n not in src else None)
-            for n in sorted(extra, key=len, reverse=True):
-                if n in out and isinstance(out[n], h5py.Group) and len(out[n]) == 0:
-                    del out[n]
+        visit(self.reader._root)
 
     def finalize(self):
         try:
             self._copy_rest()
-            if len(self._out) > 1:
-                self._prune_empty_shard_groups()
             for out in self._out:
                 out.close()
             for tmp, target in zip(self._tmps, self.targets):

@@ -208,3 +208,9 @@ class KerasZipWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:
             self.abort()
+
+
+def open_keras(path, model=None):
+    if model is not None:
+        raise SurgeonError("--model is only for bare weights files; a .keras file has its own config")
+    return KerasZipReader(path)
