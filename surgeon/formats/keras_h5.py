@@ -95,6 +95,26 @@ class KerasH5Reader:
         except OSError as exc:
             raise FormatError(f"{self.label}: cannot read {name}: {str(exc).splitlines()[0]}") from None
 
+    def read_chunks(self, name, max_bytes=8 << 20):
+        """Yield ``name``'s values as slices along axis 0 of at most ~``max_bytes`` each
+        (one row at least), so large tensors can be streamed (used by diff/audit)."""
+        e = self.entry(name)
+        ds = self._dataset(e.key)
+        bf16 = e.dtype == "bfloat16"
+        try:
+            if ds.ndim == 0 or ds.shape[0] == 0 or ds.nbytes <= max_bytes:
+                yield to_numpy(ds, bf16)
+                return
+            step = max(1, int(max_bytes // max(1, ds.nbytes // ds.shape[0])))
+            for i in range(0, ds.shape[0], step):
+                arr = ds[i:i + step]
+                if bf16:
+                    import ml_dtypes
+                    arr = arr.view(ml_dtypes.bfloat16)
+                yield arr
+        except OSError as exc:
+            raise FormatError(f"{self.label}: cannot read {name}: {str(exc).splitlines()[0]}") from None
+
     def metadata(self) -> dict:
         return {"format": self.format, "path": str(self.path),
                 "optimizer": self.optimizer.to_json() if self.optimizer else None,
