@@ -1,0 +1,318 @@
+"""Health checks of one checkpoint: values, optimizer-state consistency, dtypes.
+
+Every tensor is read once, in chunks (a param together with its slots, so masked
+weights can be checked against their moments). The library never prints; see
+``surgeon.report.audit_text``. Finding codes and severities are listed in ``CODES``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .diff import CHUNK_BYTES, as_float, iter_chunks, zip_flat
+
+SEVERITIES = ("error", "warning", "info")
+CODES = {
+    "nan": ("error", "tensor holds NaN values"),
+    "inf": ("error", "tensor holds infinite values"),
+    "all-zero": ("warning", "a kernel (2+ dims) is entirely zero"),
+    "constant": ("warning", "a kernel (2+ dims) holds one repeated non-zero value"),
+    "dead-unit": ("warning", "some output units/filters of a kernel are all zero"),
+    "exploding-norm": ("warning", "kernel RMS x sqrt(fan-in) far above the initialisation scale (~1)"),
+    "slot-missing": ("error", "a trainable param has no (or fewer) optimizer slots than the others"),
+    "slot-on-frozen": ("error", "a frozen param has optimizer slots (Keras then skips the whole optimizer)"),
+    "slot-shape": ("error", "an optimizer slot's shape differs from its param's"),
+    "slot-dtype": ("warning", "an optimizer slot's dtype differs from its param's"),
+    "optimizer-mismatch": ("error", "the optimizer's variables do not fit the model"),
+    "unresolved-slots": ("warning", "optimizer slots could not be bound to params (pass --model)"),
+    "masked-moments": ("warning", "zero (masked/pruned) weights with non-zero optimizer moments"),
+    "moments-reset": ("warning", "slots all zero while the iteration counter is large"),
+    "mixed-dtypes": ("warning", "weights are stored in more than one floating dtype"),
+    "no-optimizer": ("info", "no optimizer state stored"),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One health finding: ``severity`` (error/warning/info), ``code`` (see CODES),
+    ``tensor`` (canonical name or None), ``message``."""
+
+    severity: str
+    code: str
+    tensor: str | None
+    message: str
+
+    def to_json(self):
+        return {"severity": self.severity, "code": self.code, "tensor": self.tensor, "message": self.message}
+
+
+@dataclass
+class AuditResult:
+    path: str
+    format: str
+    checked: int = 0
+    findings: list = field(default_factory=list)
+
+    def add(self, code, tensor, message):
+        self.findings.append(Finding(CODES[code][0], code, tensor, message))
+
+    def counts(self):
+        c = {s: 0 for s in SEVERITIES}
+        for f in self.findings:
+            c[f.severity] += 1
+        return c
+
+    @property
+    def ok(self):
+        return not any(f.severity == "error" for f in self.findings)
+
+    def sorted(self):
+        return sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity))
+
+    def to_json(self):
+        return {"path": self.path, "format": self.format, "ok": self.ok, "checked": self.checked,
+                "counts": self.counts(), "findings": [f.to_json() for f in self.sorted()]}
+
+
+class _Stats:
+    """Streaming value statistics of one tensor (flat pieces in C order)."""
+
+    def __init__(self, entry, units=False):
+        self.n = self.nan = self.inf = self.zeros = self.offset = 0
+        self.lo, self.hi, self.sumsq = math.inf, -math.inf, 0.0
+        self.last = int(entry.shape[-1]) if units and len(entry.shape) >= 2 else 0
+        self.unit_nz = np.zeros(self.last, bool) if self.last else None
+
+    def update(self, x):
+        x64 = as_float(x)
+        fin = np.isfinite(x64)
+        xf = x64
+        if not fin.all():
+            self.nan += int(np.count_nonzero(np.isnan(x64)))
+            self.inf += int(np.count_nonzero(np.isinf(x64)))
+            xf = x64[fin]
+        nz = x64 != 0
+        self.zeros += int(x64.size - np.count_nonzero(nz))
+        if xf.size:
+            self.lo, self.hi = min(self.lo, float(xf.min())), max(self.hi, float(xf.max()))
+            self.sumsq += float(np.dot(xf, xf))
+        if self.last:
+            if self.offset % self.last == 0 and nz.size % self.last == 0:
+                self.unit_nz |= nz.reshape(-1, self.last).any(axis=0)
+            else:
+                self.unit_nz[(self.offset + np.flatnonzero(nz)) % self.last] = True
+        self.offset += x64.size
+        self.n += x64.size
+        return nz
+
+
+def _values(result, e, st):
+    """Findings from one tensor's value statistics."""
+    if st.nan:
+        result.add("nan", e.name, f"{st.nan} NaN value(s) of {st.n}")
+    if st.inf:
+        result.add("inf", e.name, f"{st.inf} infinite value(s) of {st.n}")
+    if e.role not in ("param", "state") or len(e.shape) < 2 or st.n < 2 or st.nan or st.inf:
+        return
+    if st.zeros == st.n:
+        result.add("all-zero", e.name, f"all {st.n} values are zero")
+        return
+    if st.lo == st.hi:
+        result.add("constant", e.name, f"all {st.n} values equal {st.lo:.6g}")
+        return
+    dead = int(np.count_nonzero(~st.unit_nz)) if st.last > 1 else 0
+    if dead:
+        idx = ", ".join(str(i) for i in np.flatnonzero(~st.unit_nz)[:8]) + (", ..." if dead > 8 else "")
+        result.add("dead-unit", e.name, f"{dead} of {st.last} output units are all zero (index {idx})")
+    fan_in = st.n // int(e.shape[-1])
+    scale = math.sqrt(st.sumsq / st.n) * math.sqrt(fan_in)
+    if scale > result.norm_threshold:
+        result.add("exploding-norm", e.name, f"RMS x sqrt(fan-in {fan_in}) = {scale:.3g} "
+                                             f"(initialisation gives ~1; threshold {result.norm_threshold:g})")
+
+
+def _check_param(reader, result, p, slots, chunk_bytes, iteration):
+    """Stream a param with its same-shaped slots; value, mask and reset checks."""
+    same = [s for s in slots if tuple(s.shape) == tuple(p.shape)]
+    pst = _Stats(p, units=True)
+    sst = [_Stats(s) for s in same]
+    masked = zero_with_moments = 0
+    streams = [iter_chunks(reader, p.name, chunk_bytes)] + [iter_chunks(reader, s.name, chunk_bytes) for s in same]
+    for pieces in zip_flat(*streams):
+        pnz = pst.update(pieces[0])
+        moving = np.zeros(pnz.shape, bool)
+        for st, piece in zip(sst, pieces[1:]):
+            moving |= st.update(piece)
+        if same:
+            masked += int(pnz.size - np.count_nonzero(pnz))
+            zero_with_moments += int(np.count_nonzero(~pnz & moving))
+    _values(result, p, pst)
+    for s, st in zip(same, sst):
+        _values(result, s, st)
+    if zero_with_moments:
+        result.add("masked-moments", p.name,
+                   f"{zero_with_moments} of {masked} zero (masked) weights have non-zero optimizer "
+                   f"moments ({', '.join(s.slot for s in same)}); the next step moves them off zero")
+    reset = [s.slot for s, st in zip(same, sst) if st.n and st.zeros == st.n]
+    if reset and iteration is not None and iteration >= result.iteration_threshold:
+        result.add("moments-reset", p.name,
+                   f"slots {', '.join(reset)} are all zero while iteration={iteration}: bias correction "
+                   "no longer compensates, so the first updates are several times a normal step "
+                   "(warm-reset the slots or restart the iteration count)")
+    return 1 + len(same)
+
+
+def _check_alone(reader, result, e, chunk_bytes):
+    st = _Stats(e, units=e.role in ("param", "state"))
+    for (piece,) in zip_flat(iter_chunks(reader, e.name, chunk_bytes)):
+        st.update(piece)
+    _values(result, e, st)
+
+
+def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100,
+                     norm_threshold=100.0) -> AuditResult:
+    """Run every check on an open reader.
+
+    Args:
+        reader: from ``open_checkpoint``.
+        chunk_bytes: bytes read per chunk (bounds peak memory).
+        iteration_threshold: iteration from which all-zero slots are reported.
+        norm_threshold: ``RMS * sqrt(fan_in)`` above which a kernel's norm is "exploding".
+    Returns:
+        An :class:`AuditResult` (``ok`` is False when any finding is an error).
+    Example:
+        >>> with open_checkpoint("fixtures/cnn_adam.keras") as ck:
+        ...     audit_checkpoint(ck).findings
+        []
+    """
+    md = reader.metadata()
+    result = AuditResult(str(md.get("path")), md.get("format"))
+    result.iteration_threshold, result.norm_threshold = iteration_threshold, norm_threshold
+    entries = reader.entries()
+    iteration = (md.get("optimizer") or {}).get("iterations")
+    slots = {}
+    for e in entries:
+        if e.role == "slot" and e.slot_of:
+            slots.setdefault(e.slot_of, []).append(e)
+    done = set()
+    for e in entries:
+        if e.role == "param":
+            result.checked += _check_param(reader, result, e, slots.get(e.name, []), chunk_bytes, iteration)
+            done.update([e.name] + [s.name for s in slots.get(e.name, []) if tuple(s.shape) == tuple(e.shape)])
+    for e in entries:
+        if e.name not in done:
+            _check_alone(reader, result, e, chunk_bytes)
+            result.checked += 1
+    _check_structure(reader, result, entries, md)
+    _mixed_dtypes(result, entries)
+    return result
+
+
+# -- optimizer structure ---------------------------------------------------------------------
+def _check_structure(reader, result, entries, md):
+    """Slots vs params: bound slots checked directly; unresolved ones diagnosed."""
+    by_name = {e.name: e for e in entries}
+    bound = [e for e in entries if e.role == "slot" and e.slot_of]
+    unresolved = [e for e in entries if e.role == "slot" and not e.slot_of]
+    if not md.get("optimizer") and not bound and not unresolved:
+        result.add("no-optimizer", None, "no optimizer state stored: training resumes with fresh moments")
+        return
+    for s in bound:
+        p = by_name.get(s.slot_of)
+        if p is None:
+            continue
+        if tuple(s.shape) != tuple(p.shape):
+            result.add("slot-shape", s.name, f"shape {tuple(s.shape)} differs from {p.name} {tuple(p.shape)}")
+        if s.dtype != p.dtype:
+            result.add("slot-dtype", s.name, f"dtype {s.dtype} differs from {p.name} {p.dtype}")
+        if p.frozen:
+            result.add("slot-on-frozen", p.name, f"frozen param has optimizer slot {s.slot}; "
+                                                 "Keras skips loading the whole optimizer")
+    if unresolved:
+        _diagnose(reader, result, entries, unresolved)
+    elif bound:
+        kinds = sorted({s.slot for s in bound})
+        have = {}
+        for s in bound:
+            have.setdefault(s.slot_of, set()).add(s.slot)
+        for p in entries:
+            if p.role == "param" and not p.frozen and set(kinds) - have.get(p.name, set()):
+                missing = ", ".join(k for k in kinds if k not in have.get(p.name, set()))
+                result.add("slot-missing", p.name, f"trainable param has no optimizer slot {missing}")
+
+
+def _opt_index(e):
+    tail = e.key.rsplit("/", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _diagnose(reader, result, entries, unresolved):
+    """Explain positional slots that did not bind (Keras 3 layouts, model config known)."""
+    from . import optimizers
+    opt = getattr(reader, "optimizer", None)
+    layout = optimizers.layout_for(opt.class_name, opt.config) if opt and opt.config else None
+    rest = sorted(unresolved, key=lambda e: (_opt_index(e) is None, _opt_index(e) or 0))
+    if layout is None or any(_opt_index(e) is None for e in rest):
+        result.add("unresolved-slots", None, f"{len(unresolved)} optimizer slot(s) are not bound to params "
+                   "and cannot be checked; pass --model FILE.keras|config.json")
+        return
+    params = [e for e in entries if e.role == "param"]
+    shape = {p.name: tuple(p.shape) for p in params}
+    trainable = [p.name for p in params if not p.frozen]
+    expected = layout.order(trainable)
+    if len(expected) == len(rest):
+        for (p, s), v in zip(expected, rest):
+            if tuple(v.shape) != shape[p]:
+                result.add("slot-shape", f"optimizer/{p}/{s}", f"{v.key} (slot {s} of {p} by position) has "
+                           f"shape {tuple(v.shape)}, the param {shape[p]}; Keras skips the whole optimizer")
+        return
+    frozen_layers = list(dict.fromkeys(p.layer for p in params if p.frozen))
+    for chosen in [[ly] for ly in frozen_layers] + ([frozen_layers] if len(frozen_layers) > 1 else []):
+        names = [p.name for p in params if not p.frozen or p.layer in chosen]
+        order = layout.order(names)
+        if len(order) == len(rest) and all(shape[p] == tuple(v.shape) for (p, _), v in zip(order, rest)):
+            for p in names:
+                if p not in trainable:
+                    result.add("slot-on-frozen", p, "frozen param has optimizer slots "
+                               f"({', '.join(layout.slots)}); Keras skips loading the whole optimizer")
+            return
+    if len(rest) < len(expected):
+        _align_missing(result, expected, rest, shape)
+        return
+    result.add("optimizer-mismatch", None, f"{len(rest)} optimizer slot variables, the model needs "
+               f"{len(expected)} ({len(layout.slots)} per trainable param x {len(trainable)}); "
+               "Keras skips loading the whole optimizer")
+
+
+def _align_missing(result, expected, rest, shape):
+    """Greedy shape alignment: the expected (param, slot) pairs with no stored variable."""
+    missing, i = {}, 0
+    for p, s in expected:
+        if i < len(rest) and tuple(rest[i].shape) == shape[p]:
+            i += 1
+        else:
+            missing.setdefault(p, []).append(s)
+    for p, ss in missing.items():
+        result.add("slot-missing", p, f"trainable param has no optimizer slot {', '.join(ss)} "
+                   f"({len(rest)} slot variables stored, {len(expected)} expected); "
+                   "Keras skips loading the whole optimizer")
+
+
+def _mixed_dtypes(result, entries):
+    counts = {}
+    for e in entries:
+        if e.role in ("param", "state") and (e.dtype.startswith("float") or e.dtype == "bfloat16"):
+            counts[e.dtype] = counts.get(e.dtype, 0) + 1
+    if len(counts) > 1:
+        parts = ", ".join(f"{n} {d}" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        result.add("mixed-dtypes", None, f"weights use several dtypes: {parts}")
+
+
+def audit_path(path, model=None, **kw) -> AuditResult:
+    """Open ``path`` (``model`` for bare weights files) and audit it."""
+    from .diff import model_for
+    from .formats import open_checkpoint
+    with open_checkpoint(path, model=model_for(path, model)) as reader:
+        return audit_checkpoint(reader, **kw)

@@ -1,0 +1,120 @@
+"""CLI commands ``surgeon diff`` and ``surgeon audit`` (thin wrappers over surgeon.diff/audit)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import SurgeonError
+
+
+def _size(text):
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError):
+        raise SurgeonError(f"--chunk {text!r}: expected a size like 8M, 512K or 1G") from None
+
+
+@click.command("diff")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="For bare .weights.h5 files: the .keras or config.json giving the structure "
+                   "(used for A and B; .keras files ignore it).")
+@click.option("--model-b", type=click.Path(), default=None, help="A different --model for B.")
+@click.option("--atol", type=float, default=0.0, show_default=True,
+              help="Absolute tolerance: an element differs when |B-A| > atol + rtol*|A|.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance.")
+@click.option("--only", "only", default=None, metavar="GLOB",
+              help="Compare only names matching GLOB (slots follow their param), e.g. 'conv1/*'.")
+@click.option("--ignore-optimizer", is_flag=True, help="Skip optimizer slots, iteration and learning rate.")
+@click.option("--map", "maps", multiple=True, metavar="REGEX=REPL",
+              help="Rename A's tensors before pairing (repeatable), e.g. '^dense_1/=fc/'.")
+@click.option("--series", is_flag=True,
+              help="CHECKPOINTS is a run (files or one directory): per-layer drift from the first.")
+@click.option("--all", "show_all", is_flag=True, help="Also list equal tensors in the table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
+@click.option("--markdown", is_flag=True, help="Print a markdown report (pull requests, model cards).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also draw a PNG (per-layer change + histogram; a line chart with --series). "
+                   "Needs matplotlib: pip install 'surgeon[plot]'.")
+@click.option("--chunk", default="8M", show_default=True, help="Bytes read per chunk (bounds memory).")
+def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
+             as_json, markdown, plot, chunk):
+    """Compare two checkpoints tensor by tensor (any formats, by canonical name).
+
+    Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
+    relative L2 change |B-A|/|A|, cosine, fraction of elements changed, norms. A param
+    that changed while its optimizer slots did not (or the reverse) is flagged.
+    Exit code: 0 equal within tolerance, 1 different, 2 error.
+
+    \b
+    Examples:
+      surgeon diff fixtures/cnn_adam.keras edited.keras
+      surgeon diff fixtures/cnn_adam.keras fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras
+      surgeon diff a.keras b.keras --atol 1e-6 --only 'conv*' --json
+      surgeon diff a.keras b.keras --markdown --plot change.png
+      surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
+    """
+    from . import diff, report
+    chunk_bytes = _size(chunk)
+    if series:
+        res = diff.diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
+        if plot:
+            report.plot_series(res, plot)
+        out = (json.dumps(res.to_json(), indent=1) if as_json
+               else report.series_markdown(res) if markdown else report.series_text(res))
+        click.echo(out)
+        return
+    if len(checkpoints) != 2:
+        raise SurgeonError(f"diff takes 2 checkpoints (A B), got {len(checkpoints)}; "
+                           "use --series for a run of checkpoints")
+    res = diff.diff_paths(*checkpoints, model=model, model_b=model_b, atol=atol, rtol=rtol, only=only,
+                          ignore_optimizer=ignore_optimizer, maps=maps, chunk_bytes=chunk_bytes,
+                          sample=diff.SAMPLE_PER_TENSOR if plot else 0)
+    if plot:
+        report.plot_diff(res, plot)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=1))
+    elif markdown:
+        click.echo(report.diff_markdown(res, show_all))
+    else:
+        click.echo(report.diff_text(res, show_all))
+    sys.exit(0 if res.equal else 1)
+
+
+@click.command("audit")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="For a bare .weights.h5: the .keras or config.json it belongs to (binds slots).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
+@click.option("--iteration-threshold", type=int, default=100, show_default=True,
+              help="Report all-zero optimizer slots from this iteration on.")
+@click.option("--norm-threshold", type=float, default=100.0, show_default=True,
+              help="Report kernels with RMS x sqrt(fan-in) above this.")
+@click.option("--chunk", default="8M", show_default=True, help="Bytes read per chunk (bounds memory).")
+def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
+    """Check a checkpoint's health: NaN/Inf, zero/constant/dead/exploding kernels,
+    optimizer slots missing, extra or mismatched, masked weights with moments,
+    moments reset at a large iteration, mixed dtypes.
+
+    Findings have a severity (error, warning, info) and a code. Exit code: 1 when any
+    finding is an error, 0 otherwise, 2 when the file cannot be read.
+
+    \b
+    Examples:
+      surgeon audit fixtures/cnn_adam.keras
+      surgeon audit fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
+    """
+    from . import audit, report
+    res = audit.audit_path(checkpoint, model=model, chunk_bytes=_size(chunk),
+                           iteration_threshold=iteration_threshold, norm_threshold=norm_threshold)
+    click.echo(json.dumps(res.to_json(), indent=1) if as_json else report.audit_text(res))
+    sys.exit(0 if res.ok else 1)
+
+
+def register(main):
+    main.add_command(diff_cmd)
+    main.add_command(audit_cmd)
