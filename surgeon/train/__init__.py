@@ -1,0 +1,12 @@
+"""Resume training from a (possibly edited) checkpoint, optimizer state included.
+
+``resume()`` restores every weight, optimizer slot, the iteration counter and the learning
+rate by canonical name, checks that checkpoint and model fit each other, trains with a
+compiled custom loop and writes the result back through surgeon's writers.
+"""
+from .loop import ResumeResult, make_train_step, resume
+from .restore import FitError, FitReport
+from .edits import Clip, Edit, EditProgram, Mask, Noise, Rescale, ShrinkPerturb, Zero
+
+__all__ = ["resume", "ResumeResult", "make_train_step", "FitError", "FitReport", "Edit",
+           "EditProgram", "Zero", "Rescale", "Clip", "Mask", "Noise", "ShrinkPerturb"]

@@ -1,0 +1,76 @@
+"""Load a user's data function (``module:function``) and position the stream.
+
+The function returns a ``tf.data.Dataset`` of batches (``(x, y)`` or ``(x, y,
+sample_weight)``) or numpy arrays ``(x, y)`` which are batched here. The stream repeats
+and skips the batches the checkpoint's iteration counter says were already consumed, so
+an interrupted run sees exactly the batches an uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from ..errors import SurgeonError
+
+
+def load_callable(spec: str, what: str = "--data"):
+    """``pkg.module:function`` or ``path/to/file.py:function`` -> the function."""
+    if ":" not in spec:
+        raise SurgeonError(f"{spec}: {what} expects MODULE:FUNCTION (module may be a .py path)")
+    mod_part, func_name = spec.rsplit(":", 1)
+    if mod_part.endswith(".py") or "/" in mod_part:
+        path = Path(mod_part)
+        if not path.exists():
+            raise SurgeonError(f"{spec}: {what}: no such file {path}")
+        name = f"surgeon_user_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise SurgeonError(f"{spec}: {what}: importing {path} failed: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(mod_part)
+        except ImportError as exc:
+            raise SurgeonError(f"{spec}: {what}: cannot import {mod_part}: {exc}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise SurgeonError(f"{spec}: {what}: {mod_part} has no function {func_name!r}")
+    return fn
+
+
+def call_data_fn(fn, seed=None):
+    """Call a data function, passing ``seed=`` when it accepts one."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "seed" in params:
+        return fn(seed=seed)
+    return fn()
+
+
+def as_dataset(data, batch_size=None):
+    """A batched ``tf.data.Dataset`` from a dataset or numpy ``(x, y[, w])``."""
+    import tensorflow as tf
+    if isinstance(data, tf.data.Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        if not batch_size:
+            raise SurgeonError("data function returned arrays: pass batch_size (--batch-size)")
+        return tf.data.Dataset.from_tensor_slices(tuple(data)).batch(batch_size)
+    raise SurgeonError(f"data function returned {type(data).__name__}; expected a "
+                       "tf.data.Dataset or a tuple of numpy arrays (x, y)")
+
+
+def positioned(ds, consumed: int):
+    """Repeat forever, skipping the ``consumed`` batches already trained on."""
+    ds = ds.repeat()
+    if consumed:
+        ds = ds.skip(consumed)
+    return ds
