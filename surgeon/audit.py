@@ -28,6 +28,7 @@ CODES = {
     "optimizer-mismatch": ("error", "the optimizer's variables do not fit the model"),
     "unresolved-slots": ("warning", "optimizer slots could not be bound to params (pass --model)"),
     "masked-moments": ("warning", "zero (masked/pruned) weights with non-zero optimizer moments"),
+    "masked-nonzero": ("warning", "weights masked by a stored pruning mask are not zero"),
     "moments-reset": ("warning", "slots all zero while the iteration counter is large"),
     "mixed-dtypes": ("warning", "weights are stored in more than one floating dtype"),
     "no-optimizer": ("info", "no optimizer state stored"),
@@ -133,27 +134,37 @@ def _values(result, e, st):
                                              f"(initialisation gives ~1; threshold {result.norm_threshold:g})")
 
 
-def _check_param(reader, result, p, slots, chunk_bytes, iteration):
-    """Stream a param with its same-shaped slots; value, mask and reset checks."""
+def _check_param(reader, result, p, slots, chunk_bytes, iteration, mask=None):
+    """Stream a param with its same-shaped slots; value, mask and reset checks.
+
+    ``mask`` (bool, True = kept) is the pruning mask stored by ``surgeon.ops.mask``;
+    without one, exact zeros in the param count as masked."""
     same = [s for s in slots if tuple(s.shape) == tuple(p.shape)]
     pst = _Stats(p, units=True)
     sst = [_Stats(s) for s in same]
-    masked = zero_with_moments = 0
+    flat_mask = mask.reshape(-1) if mask is not None and mask.shape == tuple(p.shape) else None
+    masked = moving_masked = revived = 0
     streams = [iter_chunks(reader, p.name, chunk_bytes)] + [iter_chunks(reader, s.name, chunk_bytes) for s in same]
     for pieces in zip_flat(*streams):
+        off = pst.offset
         pnz = pst.update(pieces[0])
         moving = np.zeros(pnz.shape, bool)
         for st, piece in zip(sst, pieces[1:]):
             moving |= st.update(piece)
-        if same:
-            masked += int(pnz.size - np.count_nonzero(pnz))
-            zero_with_moments += int(np.count_nonzero(~pnz & moving))
+        cut = ~flat_mask[off:off + pnz.size] if flat_mask is not None else ~pnz
+        masked += int(np.count_nonzero(cut))
+        moving_masked += int(np.count_nonzero(cut & moving))
+        revived += int(np.count_nonzero(cut & pnz)) if flat_mask is not None else 0
     _values(result, p, pst)
     for s, st in zip(same, sst):
         _values(result, s, st)
-    if zero_with_moments:
+    what = "masked (stored pruning mask)" if flat_mask is not None else "zero (masked)"
+    if revived:
+        result.add("masked-nonzero", p.name, f"{revived} of {masked} weights masked by the stored "
+                   "pruning mask are not zero")
+    if moving_masked:
         result.add("masked-moments", p.name,
-                   f"{zero_with_moments} of {masked} zero (masked) weights have non-zero optimizer "
+                   f"{moving_masked} of {masked} {what} weights have non-zero optimizer "
                    f"moments ({', '.join(s.slot for s in same)}); the next step moves them off zero")
     reset = [s.slot for s, st in zip(same, sst) if st.n and st.zeros == st.n]
     if reset and iteration is not None and iteration >= result.iteration_threshold:
@@ -162,6 +173,17 @@ def _check_param(reader, result, p, slots, chunk_bytes, iteration):
                    "no longer compensates, so the first updates are several times a normal step "
                    "(warm-reset the slots or restart the iteration count)")
     return 1 + len(same)
+
+
+def _masks(reader):
+    """Pruning masks stored by the recipe engine ({} when none or unsupported)."""
+    try:
+        from .ops.mask import read_masks
+    except ImportError:
+        return {}
+    if not hasattr(reader, "read_key"):
+        return {}
+    return read_masks(reader)
 
 
 def _check_alone(reader, result, e, chunk_bytes):
@@ -196,10 +218,11 @@ def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100
     for e in entries:
         if e.role == "slot" and e.slot_of:
             slots.setdefault(e.slot_of, []).append(e)
-    done = set()
+    done, masks = set(), _masks(reader)
     for e in entries:
         if e.role == "param":
-            result.checked += _check_param(reader, result, e, slots.get(e.name, []), chunk_bytes, iteration)
+            result.checked += _check_param(reader, result, e, slots.get(e.name, []), chunk_bytes, iteration,
+                                           masks.get(e.name))
             done.update([e.name] + [s.name for s in slots.get(e.name, []) if tuple(s.shape) == tuple(e.shape)])
     for e in entries:
         if e.name not in done:

@@ -206,5 +206,5 @@ def audit_text(result) -> str:
                  f"({result.checked} tensors checked)")
     lines = [head]
     for f in result.sorted():
-        lines.append(f"{f.severity:<8} {f.code:<16} {f.tensor or '-':<32} {f.message}")
+        lines.append(f"{f.severity:<8} {f.code:<18} {f.tensor or '-':<32} {f.message}")
     return "\n".join(lines)
