@@ -123,6 +123,10 @@ class KerasH5Reader:
     def structure(self) -> Node:
         return self._root
 
+    def read_key(self, key) -> np.ndarray:
+        """Raw value of any dataset by its storage path (e.g. ``surgeon/masks/...`` extras)."""
+        return np.asarray(self._dataset(key)[()])
+
     def close(self):
         for f in self._files:
             try:
@@ -201,7 +205,8 @@ class KerasH5Writer:
             del out[src.path]
         arr = np.asarray(array)
         bf16 = arr.dtype.name == "bfloat16"
-        ds = out.create_dataset(src.path, data=arr.view(np.uint16) if bf16 else arr)
+        # bfloat16 as Keras stores it (h5py opaque 2-byte type); a uint16 view breaks Keras' load
+        ds = out.create_dataset(src.path, data=arr)
         for k, v in src.attrs.items():
             if k != "dtype":
                 ds.attrs[k] = v
@@ -211,6 +216,15 @@ class KerasH5Writer:
 
     def copy_from(self, reader, name):
         self.write(name, reader.read(name))
+
+    def add_extra(self, path, array):
+        """Store an extra dataset outside Keras' tree (e.g. ``surgeon/masks/<name>``) in the
+        first file; Keras ignores it when loading. Replaces a copied one of the same path."""
+        out = self._out[0]
+        if path in out:
+            del out[path]
+        out.create_dataset(path, data=array)
+        self._written.add(path)
 
     def _copy_rest(self):
         """Recreate every source group (with its attrs, per file) and copy unwritten datasets."""

@@ -162,8 +162,13 @@ class KerasZipWriter:
         self._h5.copy_from(reader, name)
 
     def set_member(self, member, data: bytes):
-        """Replace a non-weights member (e.g. ``config.json``) with ``data``."""
+        """Replace a non-weights member (e.g. ``config.json``) with ``data``, or add a new
+        one (e.g. ``surgeon/provenance.json``; Keras ignores unknown members)."""
         self._replace[member] = data
+
+    def add_extra(self, path, array):
+        """An extra dataset in the inner H5 (see ``KerasH5Writer.add_extra``)."""
+        self._h5.add_extra(path, array)
 
     def finalize(self):
         h5_tmp = self._h5._tmps[0]
@@ -198,6 +203,10 @@ class KerasZipWriter:
                 else:
                     with src.open(info) as r, dst.open(info, "w", force_zip64=info.file_size > 2**31) as w:
                         shutil.copyfileobj(r, w, 1 << 22)
+            known = {i.filename for i in self.reader.members}
+            for member, data in self._replace.items():
+                if member not in known:
+                    dst.writestr(zipfile.ZipInfo(member, (1980, 1, 1, 0, 0, 0)), data)
 
     def abort(self):
         self._h5.abort()

@@ -1,0 +1,185 @@
+"""CLI: ``surgeon apply``, ``surgeon transplant``, ``surgeon log``."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+
+def _progress_printer(enabled):
+    """Progress on stderr, shown only when the work lasts more than a second."""
+    if not enabled:
+        return None
+    start = time.perf_counter()
+
+    def show(done, total, name):
+        if time.perf_counter() - start > 1.0:
+            end = "\n" if done == total else "\r"
+            click.echo(f"surgeon: {done}/{total} tensors  {name[:60]:<60}", err=True, nl=False)
+            click.echo(end, err=True, nl=False)
+    return show
+
+
+def plan_text(plan) -> str:
+    """Human-readable plan: one line per step, slots and iteration, reports, warnings."""
+    lines = [f"plan: {plan.input} [{plan.format}] -> {plan.output or '(no output)'}"]
+    for s in plan.steps:
+        src = f" <- {s.source}" if s.source else ""
+        shape = "x".join(map(str, s.shape)) or "scalar"
+        dt = s.dtype if s.dtype == s.new_dtype else f"{s.dtype}->{s.new_dtype}"
+        detail = ", ".join(f"{k}={v}" for k, v in s.detail if k != "source_path")
+        lines.append(f"  {s.op:<14} {s.target}{src}  {shape} {dt}  {detail}  [{s.where}]")
+        for name, policy in s.slots:
+            lines.append(f"      slot {name.rsplit('/', 1)[-1]:<16} {policy}")
+    if plan.iteration:
+        it = plan.iteration
+        lines.append(f"  iteration      {it['before']} -> {it['after']} ({it['policy']})")
+    for r in plan.reports:
+        lines.append(f"  {r['op']} from {r['source']}: {len(r['matched'])} matched, "
+                     f"{len(r['mismatched'])} mismatched, {len(r['unmatched_targets'])} targets "
+                     f"unmatched, {len(r['unused_sources'])} sources unused")
+        for m in r["mismatched"]:
+            lines.append(f"      {m['source']} {m['source_shape']} -> {m['target']} {m['shape']}: {m['action']}")
+        for n in r["unmatched_targets"]:
+            lines.append(f"      unmatched target {n} (kept)")
+        for n in r["unused_sources"]:
+            lines.append(f"      unused source {n}")
+    touched = len({s.target for s in plan.steps})
+    lines.append(f"{touched} tensor(s) changed, {sum(1 for s in plan.steps for _, p in s.slots if p != 'keep')} "
+                 "slot change(s); everything else copied as stored")
+    return "\n".join(lines)
+
+
+def _run(rec, dry_run, as_json, progress):
+    from .execute import apply
+    plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
+                        make_dirs=True)
+    for w in plan.warnings:
+        click.echo(f"surgeon: warning: {w}", err=True)
+    if as_json:
+        out = {"plan": plan.to_json(), "dry_run": dry_run}
+        if stats:
+            out["written"] = {"output": plan.output, "tensors": stats.tensors, "slots": stats.slots,
+                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3)}
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(plan_text(plan))
+    if stats:
+        click.echo(f"wrote {plan.output} ({stats.tensors} tensors, {stats.slots} slots changed, "
+                   f"{stats.seconds:.2f}s)")
+    else:
+        click.echo("dry run: nothing written")
+
+
+@click.command("apply")
+@click.argument("recipe", type=click.Path())
+@click.option("-i", "--input", "input_", default=None, help="Input checkpoint (overrides the recipe's).")
+@click.option("-o", "--output", default=None, help="Output path (overrides the recipe's).")
+@click.option("--model", default=None, help="For a bare .weights.h5 input: its .keras or config.json.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value: input, output, iteration, sources.NAME, ops.N.PARAM "
+                   "(N from 0). Values use TOML syntax (0.5, true, [1, 2]) or are strings.")
+@click.option("--dry-run", is_flag=True, help="Print the validated plan and stop; nothing is read or written.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and what was written) as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
+def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress):
+    """Apply a recipe (recipe.py or recipe.toml) to a checkpoint.
+
+    The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
+    written twice); then every affected tensor and its optimizer slots are streamed to the
+    output, everything else is copied as stored, and the surgery log is embedded.
+
+    \b
+    Examples:
+      surgeon apply recipes/transfer_backbone.py
+      surgeon apply recipes/reset_head.py --dry-run
+      surgeon apply recipes/shrink_perturb.toml -i fixtures/cnn_adam.keras -o out/sp.keras
+      surgeon apply recipes/reset_head.py --set ops.0.seed=7 --set iteration=reset --json
+    """
+    from .recipe import apply_overrides, load_recipe
+    rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
+    _run(rec, dry_run, as_json, not no_progress)
+
+
+@click.command("transplant")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("-o", "--output", required=True, help="Where to write DST with the transplanted layers.")
+@click.option("--layers", "layers", multiple=True, metavar="PATTERN[=REPLACEMENT]",
+              help="Layers of SRC to copy, e.g. 'encoder/*=backbone/*' or 'conv1' (repeatable; "
+                   "default: every layer of SRC whose name exists in DST).")
+@click.option("--slots", type=click.Choice(["transplant", "reset", "warm", "keep"]), default="transplant",
+              show_default=True, help="What happens to the optimizer slots of the copied weights.")
+@click.option("--on-mismatch", type=click.Choice(["error", "skip", "slice", "pad", "reinit"]),
+              default="error", show_default=True, help="When a copied tensor's shape differs.")
+@click.option("--iteration", default="keep", show_default=True, help="keep, reset or a step number.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json):
+    """Copy layers (weights and optimizer slots) from SRC into DST, written to OUTPUT.
+
+    The one-line form of a recipe with a single transplant op.
+
+    \b
+    Examples:
+      surgeon transplant fixtures/cnn_adam.keras fixtures/recipe/cnn5_fresh.keras \\
+          -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn
+      surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
+    """
+    from .recipe import Recipe, check_iteration, declare
+    from .recipe.schema import Where
+    where = Where("surgeon transplant", 0)
+    if not layers:
+        layers = ("*",)
+    spec = declare("transplant", {"source": src, "layers": list(layers), "slots": slots,
+                                  "on_mismatch": on_mismatch}, where)
+    text = " ".join(["surgeon transplant"] + sys.argv[2:])
+    rec = Recipe(input=dst, output=output, ops=(spec,), iteration=check_iteration(iteration, where),
+                 path="surgeon transplant", text=text, where=where)
+    _run(rec, dry_run, as_json, True)
+
+
+@click.command("log")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full history as JSON.")
+def log_cmd(checkpoint, as_json):
+    """Print the surgery history embedded in a checkpoint (oldest first).
+
+    \b
+    Examples:
+      surgeon log out/transfer_backbone.keras
+      surgeon log out/transfer_backbone.keras --json
+    """
+    from .errors import SurgeonError
+    from .formats import detect
+    from .provenance import check_readable
+    detect(checkpoint)
+    history = check_readable(checkpoint)
+    if as_json:
+        click.echo(json.dumps(history, indent=1))
+        return
+    if not history:
+        click.echo(f"{checkpoint}: no surgery log (not written by surgeon)")
+        return
+    for i, rec in enumerate(history, 1):
+        try:
+            plan = rec["plan"]
+            ins = ", ".join(f"{x['path']} ({(x.get('sha256') or '-')[:12]})" for x in rec["inputs"])
+            click.echo(f"#{i} {rec['time']} surgeon {rec['version']}  recipe {rec['recipe']['path']} "
+                       f"(sha256 {rec['recipe']['sha256'][:12]})")
+            click.echo(f"   inputs: {ins}")
+            ops = {}
+            for s in plan["steps"]:
+                ops[s["op"]] = ops.get(s["op"], 0) + 1
+            click.echo("   " + (", ".join(f"{k}: {v} tensor(s)" for k, v in ops.items()) or "no tensor changed")
+                       + (f"; iteration -> {plan['iteration']['after']}" if plan.get("iteration") else ""))
+        except (KeyError, TypeError) as exc:
+            raise SurgeonError(f"{checkpoint}: surgery log record #{i} is malformed ({exc})") from None
+
+
+def register(main):
+    main.add_command(apply_cmd)
+    main.add_command(transplant_cmd)
+    main.add_command(log_cmd)

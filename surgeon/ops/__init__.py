@@ -1,0 +1,1 @@
+"""Ops: one module per op, each with a documented slot policy; see ``registry.OPS``."""

@@ -1,0 +1,111 @@
+"""Provenance: every output carries its surgery log, chained with its inputs' own logs.
+
+The log is a JSON list of records (oldest first). It is stored where the format has
+room: the zip member ``surgeon/provenance.json`` of a ``.keras`` file, the extra H5
+dataset ``surgeon/provenance`` of a ``.weights.h5`` (first shard when sharded). Keras
+ignores both when loading.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+from .errors import SurgeonError
+
+MEMBER = "surgeon/provenance.json"
+H5_KEY = "surgeon/provenance"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(path) -> list:
+    """The files making up a checkpoint (shards of a sharded index included)."""
+    path = Path(path)
+    if path.name.endswith(".weights.json"):
+        index = json.loads(path.read_text())
+        names = sorted({f for v in index.get("weight_map", {}).values()
+                        for f in (v if isinstance(v, list) else [v])})
+        return [path] + [path.with_name(n) for n in names]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def content_hash(path) -> str:
+    """sha256 of the checkpoint's file (or of its files' hashes, for multi-file ones)."""
+    files = checkpoint_files(path)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def read_log(path) -> list:
+    """The surgery history stored in a checkpoint (oldest first); [] when it has none."""
+    path = Path(path)
+    from .formats import detect
+    fmt = detect(path)
+    if fmt == "keras":
+        with zipfile.ZipFile(path) as zf:
+            if MEMBER not in zf.namelist():
+                return []
+            return json.loads(zf.read(MEMBER))
+    if fmt in ("keras-weights-h5", "keras-weights-sharded"):
+        import h5py
+        first = checkpoint_files(path)[1 if fmt == "keras-weights-sharded" else 0]
+        with h5py.File(first, "r") as f:
+            if H5_KEY not in f:
+                return []
+            raw = f[H5_KEY][()]
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return []
+
+
+def make_record(recipe, plan, inputs: dict, version: str, hash_inputs=True) -> dict:
+    """One log record: tool, recipe text and hash, inputs with content hashes, plan, time."""
+    text = recipe.text or ""
+    return {
+        "tool": "surgeon", "version": version,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"path": recipe.path, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                   "text": text},
+        "inputs": [{"role": role, "path": str(p),
+                    "sha256": content_hash(p) if hash_inputs else None,
+                    "history": read_log(p) if role != "input" else None}
+                   for role, p in inputs.items()],
+        "plan": plan.to_json(),
+    }
+
+
+def embed(writer, fmt: str, history: list) -> bool:
+    """Store ``history`` in the output being written; False when the format has no room."""
+    data = json.dumps(history, indent=1, sort_keys=False)
+    if fmt == "keras" and hasattr(writer, "set_member"):
+        writer.set_member(MEMBER, data.encode())
+        return True
+    if hasattr(writer, "add_extra"):
+        import numpy as np
+        writer.add_extra(H5_KEY, np.bytes_(data.encode()))
+        return True
+    return False
+
+
+def check_readable(path):
+    try:
+        return read_log(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise SurgeonError(f"{path}: cannot read surgery log: {exc}") from None

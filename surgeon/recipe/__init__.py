@@ -1,0 +1,93 @@
+"""Recipe DSL: declare input, output and an ordered list of ops in a ``recipe.py``.
+
+Loading a recipe only builds a frozen declaration; nothing is read or applied until
+``surgeon apply``. Every op remembers the file:line where it was declared, for errors.
+
+Example (``recipes/reset_head.py``)::
+
+    from surgeon.recipe import recipe, reinit
+
+    RECIPE = recipe(
+        input="fixtures/cnn_adam.keras",
+        output="out/reset_head.keras",
+        ops=[reinit("head/*", initializer="default", seed=0)],
+    )
+
+Ops: zero, rescale, clip, reinit, noise, shrink_perturb, cast, mask, transfer,
+transplant, rename, delete. Each takes ``select`` (a glob on canonical names, ``re:REGEX``,
+or ``select(pattern, layer=, role=, shape=, dtype=)``), ``slots=`` (slot policy:
+keep | reset | warm | follow | transplant, per op) and ``again=True`` to allow touching a
+tensor an earlier op already wrote.
+"""
+from __future__ import annotations
+
+from .declare import caller_where, declare
+from .loader import apply_overrides, load_recipe
+from .schema import OpSpec, Recipe, Selector, check_iteration, make_selector
+
+__all__ = ["recipe", "select", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
+           "cast", "mask", "transfer", "transplant", "rename", "delete", "load_recipe",
+           "apply_overrides", "Recipe", "OpSpec", "Selector"]
+
+
+def recipe(input=None, output=None, ops=(), *, iteration="keep", model=None, sources=None):
+    """Declare a recipe.
+
+    Args:
+        input: the checkpoint to edit (``-i`` overrides it).
+        output: where to write the result (``-o`` overrides it).
+        ops: the ordered op declarations.
+        iteration: ``"keep"``, ``"reset"`` or an int: the optimizer's iteration counter.
+        model: for a bare ``.weights.h5`` input, its ``.keras``/``config.json``.
+        sources: named extra checkpoints, ``{"pretrained": "path"}``; ops may use the name.
+    Returns:
+        A frozen ``Recipe``.
+    """
+    where = caller_where(1)
+    ops = tuple(ops)
+    for o in ops:
+        if not isinstance(o, OpSpec):
+            from ..errors import RecipeError
+            raise RecipeError(f"{where}: ops must be op declarations (zero(...), ...), got {o!r}")
+    return Recipe(input=input, output=output, ops=ops, iteration=check_iteration(iteration, where),
+                  model=model, sources=tuple(sorted((sources or {}).items())), path=where.file,
+                  where=where)
+
+
+def select(pattern="*", *, layer=None, role=None, shape=None, dtype=None, regex=None) -> Selector:
+    """A selector: glob ``pattern`` (or ``regex``) on canonical names plus filters."""
+    d = {"pattern": pattern, "layer": layer, "role": role, "shape": shape, "dtype": dtype,
+         "regex": regex}
+    return make_selector({k: v for k, v in d.items() if v is not None}, caller_where(1), "select")
+
+
+def _op(name):
+    def fn(select="*", **params):
+        return declare(name, dict(params, select=select), caller_where(1))
+    import importlib
+    from ..ops.registry import OPS
+    fn.__name__ = name
+    fn.__doc__ = importlib.import_module(type(OPS[name]).__module__).__doc__
+    return fn
+
+
+zero = _op("zero")
+rescale = _op("rescale")
+clip = _op("clip")
+reinit = _op("reinit")
+noise = _op("noise")
+shrink_perturb = _op("shrink_perturb")
+cast = _op("cast")
+mask = _op("mask")
+rename = _op("rename")
+delete = _op("delete")
+
+
+def transfer(source, select="*", **params):
+    """Copy weights from ``source`` (see ``surgeon.ops.transfer``)."""
+    return declare("transfer", dict(params, source=source, select=select), caller_where(1))
+
+
+def transplant(source, layers, **params):
+    """Copy ``layers`` (and their slots) from ``source`` (see ``surgeon.ops.transplant``)."""
+    return declare("transplant", dict(params, source=source, layers=layers), caller_where(1))
