@@ -1,0 +1,261 @@
+"""Convert any readable checkpoint to ``.keras``, ``.weights.h5`` or legacy ``.h5``,
+optimizer state included.
+
+Approach: Keras 3 writes an empty *skeleton* of the target (model compiled with the
+source's optimizer, optimizer built, saved in the target format); surgeon opens it like
+any checkpoint and fills every tensor from the source through the lossless writer.
+Weights are matched by canonical name first, then by layer order + shapes; optimizer
+slots move by (param, slot), which re-lays them out in the target optimizer's own
+order; the iteration counter is copied. The result is a file Keras itself wrote the
+layout of, so Keras loads it with no "Skipping variable loading for optimizer".
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SurgeonError
+from .formats import open_checkpoint, open_writer
+from .tree import slot_name
+
+TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
+           ".hdf5": "legacy-h5"}
+
+
+@dataclass
+class Pair:
+    target: str
+    source: str | None
+    how: str  # name | order | slot | global | kept (target value kept, --allow-missing)
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` did: every target tensor's source and what was left over."""
+
+    source: str
+    target: str
+    target_format: str
+    pairs: list = field(default_factory=list)
+    unmatched_source: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    iterations: int | None = None
+    optimizer: str | None = None
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "target": self.target, "format": self.target_format,
+                "optimizer": self.optimizer, "iterations": self.iterations,
+                "pairs": [p.__dict__ for p in self.pairs],
+                "unmatched_source": list(self.unmatched_source), "notes": list(self.notes)}
+
+
+def target_format(dst) -> str:
+    name = str(dst).lower()
+    for ext in (".weights.h5", ".keras", ".h5", ".hdf5"):
+        if name.endswith(ext):
+            return TARGETS[ext]
+    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5 or .h5 "
+                       "(TF checkpoint output is not supported by this version)")
+
+
+def _weights(entries):
+    return [e for e in entries if e.role in ("param", "state")]
+
+
+def _by_layer(entries):
+    groups = []
+    for e in entries:
+        if groups and groups[-1][0] == e.layer:
+            groups[-1][1].append(e)
+        else:
+            groups.append((e.layer, [e]))
+    return groups
+
+
+def match_weights(src_entries, tgt_entries, notes):
+    """target name -> (source name, how): canonical name first, then layer order + shapes."""
+    src, tgt = _weights(src_entries), _weights(tgt_entries)
+    by_name = {e.name: e for e in src}
+    pairs, used = {}, set()
+    for t in tgt:
+        s = by_name.get(t.name)
+        if s is not None and s.shape == t.shape:
+            pairs[t.name] = (s.name, "name")
+            used.add(s.name)
+        elif s is not None:
+            notes.append(f"{t.name}: same name in the source but shape {s.shape} != {t.shape}")
+    rest_t = _by_layer([t for t in tgt if t.name not in pairs])
+    rest_s = _by_layer([s for s in src if s.name not in used])
+    j = 0
+    for _, ts in rest_t:
+        shapes = [t.shape for t in ts]
+        for k in range(j, len(rest_s)):
+            ss = rest_s[k][1]
+            if [s.shape for s in ss] == shapes:
+                for t, s in zip(ts, ss):
+                    pairs[t.name] = (s.name, "order")
+                    used.add(s.name)
+                j = k + 1
+                break
+    return pairs, used
+
+
+def plan_pairs(src, skel, report, allow_missing):
+    """Pair every tensor of the skeleton ``skel`` with one of ``src``."""
+    s_entries, t_entries = src.entries(), skel.entries()
+    wpairs, used = match_weights(s_entries, t_entries, report.notes)
+    src_names = {e.name for e in s_entries}
+    missing = []
+    for t in t_entries:
+        if t.role in ("param", "state"):
+            if t.name in wpairs:
+                report.pairs.append(Pair(t.name, *wpairs[t.name]))
+            else:
+                missing.append(t.name)
+    slot_pairs, slot_missing = _plan_slots(s_entries, t_entries, wpairs, src_names, report)
+    report.pairs += slot_pairs
+    used |= {p.source for p in slot_pairs}
+    missing += slot_missing
+    report.unmatched_source = [e.name for e in s_entries if e.name not in used
+                               and e.role != "optimizer" and not e.name.startswith("optimizer/placeholder/")]
+    if missing and not allow_missing:
+        raise SurgeonError(f"{report.target}: {len(missing)} target tensor(s) have no source "
+                           f"(first: {missing[0]}); pass --allow-missing to keep Keras' initial "
+                           "values for them, or --like a model that fits")
+    report.pairs += [Pair(m, None, "kept") for m in missing]
+
+
+def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
+    pairs, missing = [], []
+    src_slots = [e for e in s_entries if e.role == "slot" and e.slot_of]
+    unresolved = [e for e in s_entries if e.role == "slot" and not e.slot_of]
+    if unresolved:
+        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved and "
+                            "cannot be moved")
+    t_slots = [t for t in t_entries if t.role == "slot"]
+    if t_slots and not src_slots:
+        report.notes.append("the source holds no bound optimizer state: the target optimizer "
+                            "starts fresh (zero slots, iteration 0)")
+        return [], []
+    for t in t_entries:
+        if t.role == "slot" and t.slot_of:
+            sp = wpairs.get(t.slot_of)
+            name = slot_name(sp[0], t.slot) if sp else None
+            if name in src_names:
+                pairs.append(Pair(t.name, name, "slot"))
+            else:
+                missing.append(t.name)
+        elif t.role == "optimizer" and t.name in src_names:
+            pairs.append(Pair(t.name, t.name, "global"))
+        elif t.role == "slot":
+            missing.append(t.name)
+    return pairs, missing
+
+
+def _source_model(src, like, label):
+    """A Keras 3 model for the target, and the compile config to fall back on."""
+    from . import convert_skeleton as sk
+    if like is not None:
+        return sk.model_from_like(like), []
+    config = getattr(src, "model_config", None) or getattr(src, "config", None)
+    if config is None and getattr(src, "model_json", None):
+        config = src.model_json
+    if not config:
+        raise SurgeonError(f"{label}: holds no model config; pass --like MODEL.keras or "
+                           "--like module:function (or --model for a .weights.h5)")
+    keys = ("class_name", "config", "module", "registered_name")
+    model, notes = sk.model_from_config({k: config[k] for k in keys if k in config}, label)
+    return (model, config.get("compile_config")), notes
+
+
+def _optimizer(src, compile_config, mode, report, label):
+    from . import convert_skeleton as sk
+    if mode == "drop":
+        report.notes.append("optimizer state dropped (--optimizer drop)")
+        return None, None
+    info = getattr(src, "optimizer", None)
+    if info is not None and info.class_name:
+        cls, cfg = info.class_name, info.config
+    elif compile_config and compile_config.get("optimizer"):
+        o = compile_config["optimizer"]
+        cls, cfg = (o, {}) if isinstance(o, str) else (o.get("class_name"), o.get("config", {}))
+    else:
+        report.notes.append("no optimizer in the source or --like model: none written")
+        return None, None
+    opt, notes = sk.optimizer_from(cls, cfg, label)
+    report.notes += notes
+    report.optimizer = cls
+    loss = None
+    tc = getattr(src, "training_config", None) or compile_config or {}
+    loss = sk._loss(tc.get("loss"))
+    return opt, loss
+
+
+def _cast(arr, dtype):
+    arr = np.asarray(arr)
+    if str(arr.dtype) != dtype and dtype != "bfloat16":
+        arr = arr.astype(dtype)
+    return arr
+
+
+def _fill(src, skel, dst, report):
+    with open_writer(dst, like=skel) as w:
+        for p in report.pairs:
+            if p.source is None:
+                continue
+            t = skel.entry(p.target)
+            arr = src.read(p.source)
+            if tuple(arr.shape) != t.shape:
+                arr = np.asarray(arr).reshape(t.shape) if np.asarray(arr).size == t.size else arr
+            arr = _cast(arr, t.dtype)
+            w.write(p.target, arr)
+            if p.target == "optimizer/iteration":
+                report.iterations = int(np.asarray(arr).reshape(-1)[0])
+        w.finalize()
+
+
+def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, model=None):
+    """Convert ``src_path`` to ``dst`` (format from the extension), optimizer state included.
+
+    Args:
+        src_path: any checkpoint surgeon reads.
+        dst: output ``.keras``, ``.weights.h5`` or legacy ``.h5``.
+        like: ``.keras`` file or ``module:function`` giving the target model (default:
+            the source's own model config).
+        optimizer: ``keep`` (move slots and iteration) or ``drop``.
+        allow_missing: keep Keras' initial values for target tensors with no source.
+        model: for a bare ``.weights.h5`` source, its ``.keras``/``config.json``.
+    Returns:
+        ConvertReport.
+    Example:
+        >>> convert("fixtures/legacy/k20_mlp_adam.h5", "/tmp/out.keras").iterations
+        37
+    """
+    if optimizer not in ("keep", "drop"):
+        raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
+    fmt = target_format(dst)
+    dst = Path(dst)
+    if not dst.parent.exists():
+        raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    report = ConvertReport(str(src_path), str(dst), fmt)
+    tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
+    try:
+        with open_checkpoint(src_path, model=model) as src:
+            if model is not None and not getattr(src, "model_json", None):
+                from .formats.keras_h5 import read_model_json
+                src.model_json = read_model_json(model)
+            (kmodel, compile_config), notes = _source_model(src, like, str(src_path))
+            report.notes += notes
+            opt, loss = _optimizer(src, compile_config, optimizer, report, str(src_path))
+            from . import convert_skeleton as sk
+            skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
+            with open_checkpoint(skel_path, model=skel_model) as skel:
+                plan_pairs(src, skel, report, allow_missing)
+                _fill(src, skel, dst, report)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return report

@@ -1,0 +1,224 @@
+"""Build a Keras 3 *skeleton* of a conversion target: the model, compiled with the source's
+optimizer, the optimizer built, saved by Keras itself in the target format.
+
+Only Keras writes the layout Keras will read back, so surgeon lets Keras write an empty
+copy and then fills every tensor from the source losslessly. Configs come from files, so
+they are data: a Lambda layer (marshalled Python bytecode) is refused, never executed.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+import warnings
+from pathlib import Path
+
+from .errors import SurgeonError
+
+# Arguments Keras 3 removed, dropped from legacy configs before deserialising.
+REMOVED_ARGS = {"Embedding": ("input_length",), "LSTM": ("time_major",), "GRU": ("time_major",),
+                "SimpleRNN": ("time_major",), "Bidirectional": ("time_major",)}
+_UNKNOWN_ARGS = (re.compile(r"Unrecognized keyword arguments passed to (\w+): \{(.*)\}"),
+                 re.compile(r"Argument\(s\) not recognized: \{(.*)\}"),
+                 re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'"))
+_OPT_RENAMES = {"lr": "learning_rate"}
+
+
+def find_lambda(config, where="model"):
+    """The name of the first Lambda layer (or marshalled function) in ``config``, or None."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "Lambda":
+            c = config.get("config") or {}
+            return c.get("name") or config.get("name") or "lambda"
+        for v in config.values():
+            hit = find_lambda(v, where)
+            if hit:
+                return hit
+    elif isinstance(config, list):
+        for v in config:
+            hit = find_lambda(v, where)
+            if hit:
+                return hit
+    return None
+
+
+def _layer_dicts(config):
+    """Every {'class_name', 'config'} dict in a (nested) model config."""
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for v in config.values():
+            yield from _layer_dicts(v)
+    elif isinstance(config, list):
+        for v in config:
+            yield from _layer_dicts(v)
+
+
+def _drop(config, cls, keys, dropped):
+    for d in _layer_dicts(config):
+        if cls is None or d["class_name"] == cls:
+            for k in keys:
+                if k in d["config"]:
+                    d["config"].pop(k)
+                    dropped.append(f"{d['class_name']}.{k} of {d['config'].get('name', '?')}")
+
+
+def _unknown_args(message):
+    for pat in _UNKNOWN_ARGS:
+        m = pat.search(message)
+        if m and len(m.groups()) == 2 and pat is _UNKNOWN_ARGS[0]:
+            return m.group(1), re.findall(r"'(\w+)':", m.group(2))
+        if m and pat is _UNKNOWN_ARGS[1]:
+            return None, re.findall(r"'(\w+)':", m.group(1))
+        if m:
+            return m.group(1), [m.group(2)]
+    return None, []
+
+
+def _sequential_input(config, dropped):
+    """Keras 2 Sequential: first layer's ``batch_input_shape`` -> an explicit InputLayer."""
+    if config.get("class_name") != "Sequential":
+        return
+    cfg = config.get("config")
+    if isinstance(cfg, list):  # Keras 2.0/2.1 list form
+        cfg = config["config"] = {"name": "sequential", "layers": cfg}
+    items = cfg.get("layers") or []
+    if not items or items[0].get("class_name") == "InputLayer":
+        return
+    first = items[0].get("config") or {}
+    shape = first.pop("batch_input_shape", None)
+    if shape is None:
+        return
+    first.pop("input_dim", None) if items[0].get("class_name") != "Embedding" else None
+    items.insert(0, {"class_name": "InputLayer", "config": {
+        "batch_shape": shape, "dtype": first.get("dtype", "float32"),
+        "name": f"{first.get('name', 'layer')}_input"}})
+    dropped.append(f"batch_input_shape of {first.get('name', '?')} (now an InputLayer)")
+
+
+def model_from_config(config, label):
+    """Deserialise a (legacy or Keras 3) model config; returns (model, notes)."""
+    import keras
+    from keras.src.legacy.saving import saving_utils
+    name = find_lambda(config)
+    if name:
+        raise SurgeonError(f"{label}: model config holds a Lambda layer ({name}) with stored "
+                           "Python code, which surgeon never executes; pass --like MODEL.keras "
+                           "or --like module:function to give the model structure")
+    config = copy.deepcopy(config)
+    dropped = []
+    _sequential_input(config, dropped)
+    for cls, keys in REMOVED_ARGS.items():
+        _drop(config, cls, keys, dropped)
+    for _ in range(20):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if "module" in config:
+                    model = keras.saving.deserialize_keras_object(config)
+                else:
+                    model = saving_utils.model_from_config(config)
+            notes = [f"config upgraded for Keras 3: dropped {d}" for d in dropped]
+            return model, notes
+        except (ValueError, TypeError) as exc:
+            cls, keys = _unknown_args(str(exc))
+            before = len(dropped)
+            if keys:
+                _drop(config, cls, keys, dropped)
+            if len(dropped) == before:
+                raise SurgeonError(f"{label}: Keras 3 cannot rebuild the model from its config: "
+                                   f"{str(exc).splitlines()[0]}; pass --like MODEL") from None
+    raise SurgeonError(f"{label}: Keras 3 cannot rebuild the model from its config")
+
+
+def model_from_like(like):
+    """A Keras model from ``--like``: a ``.keras`` file or ``module:function``."""
+    import keras
+    if ":" in str(like) and not Path(like).exists():
+        mod, _, fn = str(like).partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as exc:
+            raise SurgeonError(f"--like {like}: cannot import: {exc}") from None
+        model = obj() if callable(obj) else obj
+        if not isinstance(model, keras.Model):
+            raise SurgeonError(f"--like {like}: did not return a keras.Model")
+        return model, None
+    if not Path(like).exists():
+        raise SurgeonError(f"--like {like}: no such file (expected MODEL.keras or module:function)")
+    from .formats.keras_zip import read_zip_json
+    config = read_zip_json(like, "config.json")
+    model, _ = model_from_config({k: config[k] for k in ("class_name", "config", "module",
+                                                         "registered_name") if k in config},
+                                 f"--like {like}")
+    return model, config.get("compile_config")
+
+
+def optimizer_from(class_name, config, label):
+    """A Keras 3 optimizer from a (possibly Keras 2) optimizer class and config; (opt, notes)."""
+    import inspect
+    import keras
+    cls = getattr(keras.optimizers, class_name or "", None)
+    if cls is None or not isinstance(cls, type):
+        raise SurgeonError(f"{label}: optimizer {class_name!r} has no Keras 3 equivalent; "
+                           "use --optimizer drop")
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    allowed |= set(inspect.signature(keras.optimizers.Optimizer.__init__).parameters)
+    cfg, notes = {}, []
+    for k, v in (config or {}).items():
+        k2 = _OPT_RENAMES.get(k, k)
+        if k2 in allowed and k2 not in ("kwargs", "self"):
+            cfg[k2] = v
+        elif k not in ("name", "is_legacy_optimizer") and v not in (0, 0.0, None, False):
+            notes.append(f"optimizer argument {k}={v} has no Keras 3 equivalent; dropped")
+    cfg.pop("name", None)
+    if isinstance(cfg.get("learning_rate"), dict):
+        notes.append("learning-rate schedule kept as configured")
+    try:
+        return cls(**cfg), notes
+    except (TypeError, ValueError) as exc:
+        raise SurgeonError(f"{label}: cannot create Keras 3 {class_name}: {exc}") from None
+
+
+def _loss(loss):
+    import keras
+    if isinstance(loss, str):
+        try:
+            fn = keras.losses.get(loss)  # aliases ("mse") -> full names, which every
+            return getattr(fn, "__name__", loss)  # Keras loader (legacy H5 too) accepts
+        except (ValueError, TypeError):
+            return None
+    if isinstance(loss, dict):
+        try:
+            return keras.losses.deserialize(loss)
+        except (ValueError, TypeError):
+            return None
+    return None
+
+
+def compile_and_save(model, opt, loss, fmt, tmpdir):
+    """Compile ``model`` with ``opt`` (or not, if None), build it, save in ``fmt``; paths."""
+    if opt is not None:
+        model.compile(optimizer=opt, loss=loss)
+        opt.build(model.trainable_variables)
+    tmpdir = Path(tmpdir)
+    keras_path = tmpdir / "skeleton.keras"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(keras_path)
+        if fmt == "keras":
+            return keras_path, None
+        if fmt == "keras-weights-h5":
+            out = tmpdir / "skeleton.weights.h5"
+            model.save_weights(out)
+            return out, keras_path
+        if fmt == "legacy-h5":
+            out = tmpdir / "skeleton.h5"
+            model.save(out)
+            return out, None
+    raise SurgeonError(f"cannot write format {fmt!r}")
+
+
+def model_json(model):
+    return json.loads(model.to_json())
