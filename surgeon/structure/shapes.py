@@ -1,0 +1,30 @@
+"""Output shapes of a model's layers, computed by Keras (used when the config lacks them)."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+from ..errors import SurgeonError
+
+
+def keras_output_shapes(model_json: dict, label) -> dict:
+    """{layer name: output shape tuple} of the model described by ``model_json``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    cfg = copy.deepcopy(model_json)
+    cfg["compile_config"] = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = keras.saving.deserialize_keras_object(cfg, safe_mode=True)
+    except Exception as exc:
+        raise SurgeonError(f"{label}: Keras cannot rebuild the model to infer shapes: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    out = {}
+    for layer in model.layers:
+        try:
+            out[layer.name] = tuple(layer.output.shape)
+        except (AttributeError, ValueError):
+            continue
+    return out
