@@ -1,0 +1,191 @@
+"""Lossless write-back of TF bundles (checkpoint prefix, checkpoint directory, SavedModel).
+
+Every key of the source is written again -- the object graph string tensor included --
+with ``tf.raw_ops.SaveV2``; tensors are flushed in parts of bounded size and the parts
+are merged with ``MergeV2Checkpoints``. Output is assembled in a temporary directory
+beside the target and moved into place at ``finalize()``; a SavedModel's other files
+(``saved_model.pb``, assets, ...) are copied byte for byte.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SurgeonError, WriteError
+from .tf_bundle import _one_line, _tf
+
+PART_BYTES = 256 << 20  # flush pending tensors into a part once they exceed this
+
+
+def _nbytes(value) -> int:
+    return len(value) if isinstance(value, bytes) else int(np.asarray(value).nbytes)
+
+
+class BundleWriter:
+    """Writes ``target`` in the format of reader ``like`` with some tensors replaced.
+
+    ``target`` is a prefix (``out/ckpt-1`` or ``out/ckpt-1.index``) when ``like`` was opened
+    from a prefix, otherwise a directory (checkpoint directory or SavedModel).
+    """
+
+    def __init__(self, like, target):
+        self.like = like
+        self.kind = like.kind
+        target = str(target)
+        if self.kind == "prefix" and target.endswith(".index"):
+            target = target[: -len(".index")]
+        self.target = target
+        if self.kind == "prefix" and os.path.abspath(target) == os.path.abspath(like.prefix):
+            raise SurgeonError(f"{target}: output is the input; choose another output path")
+        parent = os.path.dirname(os.path.abspath(target)) if self.kind == "prefix" \
+            else os.path.dirname(os.path.abspath(target.rstrip("/")))
+        if not os.path.isdir(parent):
+            raise SurgeonError(f"{target}: output directory {parent} does not exist")
+        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target.rstrip('/')) or 'ckpt'}.",
+                                     suffix=".surgeon-tmp", dir=parent)
+        self._parts, self._pending, self._pending_bytes = [], {}, 0
+        self._written = set()
+        self._done = False
+
+    # -- writer protocol -------------------------------------------------------------------
+    def write(self, name, array):
+        arr = np.asarray(array)
+        for key in self.like.keys_of(name):
+            self._put(key, arr)
+
+    def copy_from(self, reader, name):
+        self.write(name, reader.read(name))
+
+    def _put(self, key, value):
+        if key in self._pending:
+            self._pending_bytes -= _nbytes(self._pending[key])
+        self._pending[key] = value
+        self._written.add(key)
+        self._pending_bytes += _nbytes(value)
+        if self._pending_bytes >= PART_BYTES:
+            self._flush()
+
+    def _flush(self):
+        if not self._pending:
+            return
+        tf = _tf()
+        part = os.path.join(self._tmp, f"part-{len(self._parts):05d}")
+        names = sorted(self._pending)
+        try:
+            tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names),
+                              tensors=[tf.constant(self._pending[k]) for k in names])
+        except Exception as exc:  # noqa: BLE001
+            self.abort()
+            raise WriteError(f"cannot write {self.target}: {_one_line(exc)}") from None
+        self._parts.append(part)
+        self._pending, self._pending_bytes = {}, 0
+
+    def finalize(self):
+        try:
+            for key in self.like.keys:
+                if key not in self._written:
+                    self._put(key, self.like.read_key(key))
+            self._flush()
+            bundle = self._merge()
+            out = self._assemble(bundle)
+        except SurgeonError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise WriteError(f"cannot write {self.target}: {exc}") from None
+        self._done = True
+        return out
+
+    def _merge(self):
+        tf = _tf()
+        rel = {"dir": os.path.basename(self.like.prefix), "prefix": "bundle",
+               "saved-model": os.path.join("variables", "variables")}[self.kind]
+        dest = os.path.join(self._tmp, "out", rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=dest,
+                                          delete_old_dirs=False)
+        except Exception as exc:  # noqa: BLE001
+            raise WriteError(f"cannot write {self.target}: merging bundle parts failed: "
+                             f"{_one_line(exc)}") from None
+        for p in self._parts:
+            for f in Path(self._tmp).glob(os.path.basename(p) + ".*"):
+                f.unlink()
+        return dest
+
+    def _assemble(self, bundle):
+        out = os.path.join(self._tmp, "out")
+        if self.kind == "prefix":
+            return self._place_prefix(bundle)
+        if self.kind == "dir":
+            base = os.path.basename(self.like.prefix)
+            with open(os.path.join(out, "checkpoint"), "w") as f:
+                f.write(f'model_checkpoint_path: "{base}"\n'
+                        f'all_model_checkpoint_paths: "{base}"\n')
+        else:
+            src = Path(self.like.saved_model_dir)
+            for item in src.iterdir():
+                if item.name == "variables":
+                    continue
+                dst = os.path.join(out, item.name)
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst)
+        _fsync_tree(out)
+        return self._place_dir(out)
+
+    def _place_prefix(self, bundle):
+        """Move data shards, then the index (the commit point), onto the target prefix."""
+        folder, base = os.path.split(bundle)
+        new = sorted(f for f in os.listdir(folder) if f.startswith(base + "."))
+        data = [f for f in new if not f.endswith(".index")]
+        for f in data + [base + ".index"]:
+            src = os.path.join(folder, f)
+            _fsync(src)
+            os.replace(src, self.target + f[len(base):])
+        keep = {self.target + f[len(base):] for f in data}
+        for stale in Path(os.path.dirname(os.path.abspath(self.target))).glob(
+                os.path.basename(self.target) + ".data-*"):
+            if str(stale) not in keep and os.path.abspath(str(stale)) not in keep:
+                stale.unlink()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return self.target + ".index"
+
+    def _place_dir(self, out):
+        target = self.target.rstrip("/")
+        old = None
+        if os.path.lexists(target):
+            if not os.path.isdir(target):
+                raise WriteError(f"{target}: exists and is not a directory")
+            old = os.path.join(self._tmp, "old")
+            os.replace(target, old)
+        os.replace(out, target)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return target
+
+    def abort(self):
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and not self._done:
+            self.abort()
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root):
+    for folder, _, files in os.walk(root):
+        for f in files:
+            _fsync(os.path.join(folder, f))
