@@ -56,7 +56,7 @@ class Transfer(Op):
     def plan(self, spec, ctx):
         src = ctx.source(spec.get("source"), spec)
         targets = ctx.select(spec)
-        sources = [e for e in src.entries() if e.role in ("param", "state")]
+        sources = self.source_entries(spec, src)
         pairs = self.pairs(spec, targets, sources)
         report = {"op": self.name, "where": str(spec.where), "source": str(src.path),
                   "matched": [], "mismatched": [], "unmatched_targets": [], "unused_sources": []}
@@ -86,6 +86,9 @@ class Transfer(Op):
                               f"the selected targets ({len(targets)} selected)")
         ctx.reports.append(report)
         return steps
+
+    def source_entries(self, spec, src):
+        return [e for e in src.entries() if e.role in ("param", "state")]
 
     def pairs(self, spec, targets, sources):
         by_name = {t.name: t for t in targets}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from ..errors import RecipeError
-from .transfer import Transfer
+from .transfer import MISMATCH, Transfer
 
 
 class Transplant(Transfer):
@@ -25,10 +25,15 @@ class Transplant(Transfer):
     def check(self, spec):
         if not spec.get("layers"):
             raise RecipeError(f"{spec.where}: op 'transplant': give layers, e.g. ['encoder/*=backbone/*']")
-        super().check(spec)
+        if not isinstance(spec.get("source"), str) or not spec.get("source"):
+            raise RecipeError(f"{spec.where}: op 'transplant': source must be a checkpoint path")
+        if spec.get("on_mismatch") not in MISMATCH:
+            raise RecipeError(f"{spec.where}: op 'transplant': on_mismatch must be one of "
+                              f"{', '.join(MISMATCH)}")
+        layer_map(spec.get("layers"), f"{spec.where}: op 'transplant'")
 
     def plan(self, spec, ctx):
-        from ..recipe.schema import OpSpec
+        from ..recipe.schema import OpSpec, Selector
         pairs = layer_map(spec.get("layers"), f"{spec.where}: op 'transplant'")
         src = ctx.source(spec.get("source"), spec)
         names = [e.name for e in src.entries() if e.role in ("param", "state")]
@@ -36,11 +41,26 @@ class Transplant(Transfer):
             if not any(re.fullmatch(pat, n) for n in names):
                 raise RecipeError(f"{spec.where}: op 'transplant': layers pattern {unglob(pat)!r} "
                                   f"matches nothing in {src.path}")
-        params = dict(spec.params) | {"map": pairs, "match": "name",
-                                      "adapt_input_channels": None}
+        targets = "|".join(f"(?:{glob_to_regex(r)})" for r in repl_globs(spec.get("layers")))
+        params = dict(spec.params) | {"map": pairs, "match": "name", "adapt_input_channels": None,
+                                      "select": Selector("re:" + targets)}
         params.pop("layers")
         inner = OpSpec(self.name, tuple(sorted(params.items(), key=lambda kv: kv[0])), spec.where)
         return super().plan(inner, ctx)
+
+
+    def source_entries(self, spec, src):
+        pats = [re.compile(p) for p, _ in spec.get("map")]
+        return [e for e in super().source_entries(spec, src)
+                if any(p.fullmatch(e.name) for p in pats)]
+
+
+def repl_globs(layers):
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, dict):
+        return list(layers.values())
+    return [x.split("=", 1)[1] if "=" in x else x for x in layers]
 
 
 def glob_to_regex(pattern: str) -> str:
