@@ -21,17 +21,18 @@ def live_values(vm) -> dict:
     return {**vm.model, **vm.optimizer}
 
 
-def writable_like(reader, vm) -> bool:
-    """True when the source tree holds every live variable under its canonical name."""
+def writable_like(reader, vm, optimizer=None) -> bool:
+    """True when the source tree and the live variables are the same set of names and
+    shapes (and the same optimizer kind), so the source can be rewritten in place."""
     by_name = {}
     for e in reader.entries():
         name = vm.keys.get(e.key, e.name) if e.role in ("param", "state") else e.name
-        by_name[name] = e
-    for name, var in live_values(vm).items():
-        e = by_name.get(name)
-        if e is None or tuple(e.shape) != tuple(var.shape):
-            return False
-    return True
+        by_name[name] = tuple(e.shape)
+    live = {n: tuple(v.shape) for n, v in live_values(vm).items()}
+    if by_name != live:
+        return False
+    kind = ((reader.metadata() or {}).get("optimizer") or {}).get("class_name")
+    return optimizer is None or kind in (None, type(optimizer).__name__)
 
 
 def _numpy(var):

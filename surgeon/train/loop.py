@@ -87,7 +87,7 @@ def _strategy(strategy):
 
 
 def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
-             seed, edits, edit_every):
+             seed, edits, edit_every, masks):
     import keras
     from .. import open_checkpoint
     from . import build, mapping, masks as masks_mod, restore
@@ -101,8 +101,12 @@ def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_o
             kmodel = build.build_model(reader, model, custom_objects)
             vm = mapping.map_model(kmodel)
             rep = restore.restore(reader, vm, kmodel.optimizer, allow_missing, reset_optimizer)
-            mask_arrays = masks_mod.read_masks(reader)
+            mask_arrays = masks_mod.read_masks(reader) if masks is not False else {}
+            if isinstance(masks, dict):
+                mask_arrays.update(masks)
             mset = masks_mod.MaskSet(mask_arrays, vm) if mask_arrays else None
+            if mset:
+                mset.project()  # a mask given here may not have been applied yet
         program = EditProgram(as_edits(edits), vm, edit_every) if edits else None
     except BaseException:
         reader.close()
@@ -137,7 +141,7 @@ def _multiworker(strategy):
 def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed=None,
            allow_missing=False, reset_optimizer=False, batch_size=None, edits=None,
            edit_every=1, strategy=None, custom_objects=None, skip_consumed=True,
-           jit_compile="auto", on_step=None, write=True):
+           jit_compile="auto", on_step=None, write=True, masks="auto"):
     """Restore ``checkpoint`` (weights, slots, iteration, learning rate) and train on.
 
     Args:
@@ -157,6 +161,8 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
             compiled step every ``edit_every`` steps.
         strategy: a ``tf.distribute.Strategy`` or ``"mirrored"`` / ``"multiworker"``.
         on_step: ``f(step, total, loss_tensor)`` called after each step (progress).
+        masks: ``"auto"`` honours pruning masks stored in the checkpoint; a dict
+            ``{param: bool array}`` adds (or overrides) masks; ``False`` ignores them.
     Returns:
         ResumeResult. Raises FitError before any step when the checkpoint does not fit.
     Example:
@@ -168,7 +174,7 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
         raise SurgeonError(f"steps must be >= 0, got {steps}")
     reader, kmodel, vm, rep, mset, program = _prepare(
         checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
-        seed, edits, edit_every)
+        seed, edits, edit_every, masks)
     try:
         return _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every,
                       seed, batch_size, strategy, skip_consumed, jit_compile, on_step, write)
@@ -188,7 +194,7 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     ds = _dataset(data, batch_size, seed, start_data if skip_consumed else 0, strategy)
     jit = kmodel.jit_compile if jit_compile == "auto" else bool(jit_compile)
     step_fn = make_train_step(kmodel, strategy, mset, program, jit_compile=jit)
-    like = ckpt.writable_like(reader, vm)
+    like = ckpt.writable_like(reader, vm, kmodel.optimizer)
     chief = is_chief(strategy)
     result = ResumeResult(steps, start, start, None, str(output) if output else None,
                           report=rep.to_json(), replicas=strategy.num_replicas_in_sync,
