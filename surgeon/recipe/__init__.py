@@ -25,7 +25,7 @@ from .declare import caller_where, declare
 from .loader import apply_overrides, load_recipe
 from .schema import OpSpec, Recipe, Selector, check_iteration, make_selector
 
-__all__ = ["recipe", "select", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
+__all__ = ["recipe", "select", "op", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
            "cast", "mask", "transfer", "transplant", "rename", "delete", "load_recipe",
            "apply_overrides", "Recipe", "OpSpec", "Selector"]
 
@@ -91,3 +91,8 @@ def transfer(source, select="*", **params):
 def transplant(source, layers, **params):
     """Copy ``layers`` (and their slots) from ``source`` (see ``surgeon.ops.transplant``)."""
     return declare("transplant", dict(params, source=source, layers=layers), caller_where(1))
+
+
+def op(name, select="*", **params):
+    """Declare any registered op by name (e.g. one added by a plugin): ``op("zero", "head/*")``."""
+    return declare(name, dict(params, select=select), caller_where(1))
