@@ -95,8 +95,8 @@ def test_reinit_default_initializers_seeded(tmp_path):
     plan, out = run(tmp_path, [reinit("head/*", seed=3)])
     n = read_all(out)
     details = {s.target: dict(s.detail) for s in plan.steps}
-    assert details["head/kernel"]["initializer"]["class_name"] == "GlorotUniform"
-    assert details["head/bias"]["initializer"]["class_name"] == "Zeros"
+    assert details["head/kernel"]["initializer"] == "glorot_uniform"
+    assert details["head/bias"]["initializer"] == "zeros"
     expect = initializers.sample("glorot_uniform", (6, 3), rng_for(3, "head/kernel"))
     np.testing.assert_allclose(n["head/kernel"], expect.astype("float32"))
     limit = np.sqrt(6.0 / (6 + 3))
@@ -148,7 +148,7 @@ def test_shrink_perturb(tmp_path, policy):
                                                ("conv1", "bn", "conv2", "frozen", "head")
                                                and "moving" not in k}
     w = "conv1/kernel"
-    eps = initializers.sample({"class_name": "GlorotUniform", "config": {}}, o[w].shape, rng_for(1, w))
+    eps = initializers.sample("glorot_uniform", o[w].shape, rng_for(1, w))
     np.testing.assert_allclose(n[w], (0.4 * o[w] + 0.1 * eps).astype("float32"), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(n["bn/moving_mean"], o["bn/moving_mean"])
     m, v = slots(w)

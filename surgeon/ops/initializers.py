@@ -152,11 +152,17 @@ def for_weight(model_json, entry):
     """The initializer the model's config declares for ``entry`` (Keras defaults if absent)."""
     wname = entry.name.rsplit("/", 1)[-1]
     key, fallback = CONFIG_KEYS.get(wname, (None, None))
-    cfg = find_layer_config(model_json, entry.layer) if model_json else None
+    cfg, parts = None, entry.layer.split("/")
+    while model_json and parts and cfg is None:  # an LSTM cell's initializers live on the LSTM
+        cfg = find_layer_config(model_json, "/".join(parts))
+        parts = parts[:-1]
     if cfg and key and cfg.get(key) is not None:
         found = cfg[key]
-        return found if isinstance(found, str) else {"class_name": found.get("class_name"),
-                                                      "config": found.get("config") or {}}
+        if isinstance(found, str):
+            return found
+        conf = {k: v for k, v in (found.get("config") or {}).items() if v is not None and k != "seed"}
+        name = _CLASS.get(found.get("class_name"), found.get("class_name"))
+        return name if not conf else {"class_name": found.get("class_name"), "config": conf}
     if fallback is None:
         raise RecipeError(f"no default initializer known for {entry.name!r}; give initializer=...")
     return fallback
