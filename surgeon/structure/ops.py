@@ -259,7 +259,7 @@ def plan_replace_layer(path, layer, spec, name=None, slots="follow"):
     g.replace(layer, item)
     new = item["config"]["name"]
     params = {"layer": layer, "with": item["class_name"], "name": new, "_inherit": {new: layer}}
-    plan = _plan("replace_layer", params, path, g, cc, slots, new_layers=[new])
+    plan = _plan("replace_layer", params, path, g, cc, slots, changed_layers=[new])
     plan.notes.append(f"weights of {layer!r} are kept where the new layer has a weight of the same "
                       "name and shape (with their slots); others use Keras' initialisers")
     return plan

@@ -94,7 +94,7 @@ class StructurePlan:
                 "actions": [a.to_json() for a in self.actions.values()], "notes": self.notes}
 
     def text(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items() if not k.startswith("_"))
         lines = [f"{self.op}({args}) on {self.source_path}  [slots: {self.slots}]"]
         if self.new_layers:
             lines.append("  new layers: " + ", ".join(self.new_layers))
