@@ -46,10 +46,11 @@ def _state_prefix(directory: Path) -> str | None:
     recorded = m.group(1).encode().decode("unicode_escape")
     if not os.path.isabs(recorded):
         return os.path.join(str(directory), recorded)
-    if os.path.exists(recorded + ".index"):
-        return recorded
     base = "" if recorded.endswith("/") else os.path.basename(recorded)
-    return os.path.join(str(directory), base)
+    local = os.path.join(str(directory), base)
+    # A copied or moved directory keeps absolute paths to where it was written: prefer
+    # the bundle of that name inside this directory.
+    return local if os.path.exists(local + ".index") else recorded
 
 
 def _latest_index(directory: Path) -> str:
