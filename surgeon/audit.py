@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .diff import CHUNK_BYTES, as_float, iter_chunks, zip_flat
+from .diff import CHUNK_BYTES, as_float, fdot, iter_chunks, zip_flat
 
 SEVERITIES = ("error", "warning", "info")
 CODES = {
@@ -98,7 +98,7 @@ class _Stats:
         self.zeros += int(x64.size - np.count_nonzero(nz))
         if xf.size:
             self.lo, self.hi = min(self.lo, float(xf.min())), max(self.hi, float(xf.max()))
-            self.sumsq += float(np.dot(xf, xf))
+            self.sumsq += fdot(xf, xf)
         if self.last:
             if self.offset % self.last == 0 and nz.size % self.last == 0:
                 self.unit_nz |= nz.reshape(-1, self.last).any(axis=0)

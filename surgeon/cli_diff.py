@@ -40,7 +40,7 @@ def _size(text):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw a PNG (per-layer change + histogram; a line chart with --series). "
                    "Needs matplotlib: pip install 'surgeon[plot]'.")
-@click.option("--chunk", default="8M", show_default=True, help="Bytes read per chunk (bounds memory).")
+@click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
              as_json, markdown, plot, chunk):
     """Compare two checkpoints tensor by tensor (any formats, by canonical name).
@@ -94,7 +94,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
               help="Report all-zero optimizer slots from this iteration on.")
 @click.option("--norm-threshold", type=float, default=100.0, show_default=True,
               help="Report kernels with RMS x sqrt(fan-in) above this.")
-@click.option("--chunk", default="8M", show_default=True, help="Bytes read per chunk (bounds memory).")
+@click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
     """Check a checkpoint's health: NaN/Inf, zero/constant/dead/exploding kernels,
     optimizer slots missing, extra or mismatched, masked weights with moments,

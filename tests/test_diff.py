@@ -231,3 +231,12 @@ def test_never_imports_tensorflow():
             "print(r.exit_code, a.exit_code, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["0", "0", "False", "False"]
+
+
+def test_realworld_legacy_h5_against_itself():
+    from conftest import realworld
+    p = realworld("emotion_model.hdf5")
+    res = run_cli("diff", p, p, "--json")
+    out = json.loads(res.output)
+    assert res.exit_code == 0 and out["equal"] is True and out["summary"]["tensors"] > 0
+    assert out["a"]["format"] == "legacy-h5"
