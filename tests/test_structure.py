@@ -281,3 +281,30 @@ def test_diff_reports_reshaped_and_equal(made):
     status = {t["name"]: t["status"] for t in rows}
     assert status["fc1/kernel"] == "reshaped" and status["fc2/kernel"] == "reshaped"
     assert status["out/kernel"] == "equal" and status["optimizer/out/kernel/velocity"] == "equal"
+
+
+def test_noise_touches_only_new_units_and_is_seeded(out_dir):
+    outs = []
+    for i in range(2):
+        out = out_dir / f"noise{i}.keras"
+        plan = S.plan_widen(src("mlp_adam"), "fc1", 12, seed=3, noise=0.05)
+        assert any("approximately" in n for n in plan.notes)
+        S.execute(plan, out)
+        outs.append(tensors(out)[0])
+    old, _ = tensors(src("mlp_adam"))
+    k = outs[0]["fc1/kernel"]
+    np.testing.assert_array_equal(k[:, :8], old["fc1/kernel"])
+    assert not np.array_equal(k[:, 8:], old["fc1/kernel"][:, plan.actions["fc1/kernel"].steps[0]["index"][8:]])
+    np.testing.assert_array_equal(k, outs[1]["fc1/kernel"])
+
+
+def test_sequential_delete_layer_keeps_other_slots(out_dir):
+    out = out_dir / "seq_delete_fc2.keras"
+    S.execute(S.plan_delete_layer(src("mlp_adam"), "fc2"), out)
+    old, _ = tensors(src("mlp_adam"))
+    new, _ = tensors(out)
+    assert set(old) - set(new) == {"fc2/kernel", "fc2/bias", *(f"optimizer/fc2/{v}/{s}" for v in
+                                   ("kernel", "bias") for s in ("momentum", "velocity"))}
+    for k in new:
+        assert np.array_equal(old[k], new[k]), k
+    assert [l.name for l in load_keras_model(out).layers] == ["fc1", "out"]
