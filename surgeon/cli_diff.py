@@ -61,7 +61,8 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
     from . import diff, report
     chunk_bytes = _size(chunk)
     if series:
-        res = diff.diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
+        from .diff_series import diff_series
+        res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
         if plot:
             report.plot_series(res, plot)
         out = (json.dumps(res.to_json(), indent=1) if as_json
