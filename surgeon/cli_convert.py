@@ -10,7 +10,8 @@ def _render(report) -> str:
     lines = [f"{report.source} -> {report.target}  [{report.target_format}]"]
     width = max([len(p.target) for p in report.pairs] or [10])
     for p in report.pairs:
-        src = p.source if p.source is not None else "(none: Keras initial value kept)"
+        src = p.source if p.source is not None else (
+            "(the source's optimizer config)" if p.how == "config" else "(none: Keras initial value kept)")
         lines.append(f"  {p.target:<{width}}  <- {src}  [{p.how}]")
     for name in report.unmatched_source:
         lines.append(f"  unmatched source tensor (not written): {name}")

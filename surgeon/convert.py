@@ -30,7 +30,8 @@ TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-
 class Pair:
     target: str
     source: str | None
-    how: str  # name | order | slot | global | kept (target value kept, --allow-missing)
+    how: str  # name | order | slot | global | config (value from the optimizer config) |
+    #           kept (Keras' initial value, --allow-missing)
 
 
 @dataclass
@@ -151,6 +152,8 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
                 missing.append(t.name)
         elif t.role == "optimizer" and t.name in src_names:
             pairs.append(Pair(t.name, t.name, "global"))
+        elif t.role == "optimizer":  # e.g. learning_rate, which Keras 2 kept only in the config
+            pairs.append(Pair(t.name, None, "config"))
         elif t.role == "slot":
             missing.append(t.name)
     return pairs, missing

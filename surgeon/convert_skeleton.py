@@ -172,7 +172,9 @@ def optimizer_from(class_name, config, label):
             cfg[k2] = v
         elif k not in ("name", "is_legacy_optimizer") and v not in (0, 0.0, None, False):
             notes.append(f"optimizer argument {k}={v} has no Keras 3 equivalent; dropped")
-    cfg.pop("name", None)
+    # the class's own default name ("adam"): an auto name would be uniquified ("adam_4")
+    default = inspect.signature(cls.__init__).parameters.get("name")
+    cfg["name"] = default.default if default and isinstance(default.default, str) else None
     if isinstance(cfg.get("learning_rate"), dict):
         notes.append("learning-rate schedule kept as configured")
     try:
