@@ -47,7 +47,8 @@ def _summary(res) -> str:
                    "MODULE may be a path to a .py file.")
 @click.option("--steps", type=click.IntRange(min=0), required=True, help="Optimizer steps to run.")
 @click.option("-o", "--output", type=click.Path(), required=True,
-              help="Checkpoint to write (same format as the input, atomic).")
+              help="Checkpoint to write (same format as the input, atomic); "
+                   "'{iteration}' in the name keeps one file per save.")
 @click.option("--model", default=None,
               help="MODEL.keras, config.json or MODULE:FUNCTION (compiled model) when the "
                    "checkpoint has no config of its own.")

@@ -37,11 +37,16 @@ def deterministic():
 @pytest.fixture(scope="session")
 def cnn_ckpts(tmp_path_factory):
     """A CNN (BatchNorm + a frozen Dense) trained 3 steps with each optimizer, as .keras."""
+    import keras
     import make_fixtures
     d = tmp_path_factory.mktemp("cnn")
     out = {}
     for key, (cls, kw) in OPTIMIZERS.items():
-        model = make_fixtures.train_model("cnn", cls, kw)
+        keras.utils.set_random_seed(0)
+        model = make_fixtures.build_cnn()
+        model.compile(getattr(keras.optimizers, cls)(**kw), "sparse_categorical_crossentropy")
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(3)  # as if 3 batches were consumed (fresh slots)
         out[key] = d / f"cnn_{key}.keras"
         model.save(out[key])
     return out
@@ -75,13 +80,13 @@ def assert_bit_identical(a, b):
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_split_resume_is_bit_identical(opt, cnn_ckpts, tmp_path):
     src = cnn_ckpts[opt]
-    ref = run(src, 6, tmp_path / "ref.keras")
+    ref = run(src, 6, tmp_path / "ck_{iteration}.keras", every=2)  # saves at 5, 7, 9
     assert (ref.iteration_start, ref.iteration_end) == (3, 9)
-    run(src, 2, tmp_path / "part.keras")
-    identity_rewrite(tmp_path / "part.keras", tmp_path / "part_rw.keras")
+    assert [os.path.basename(c) for c in ref.checkpoints] == ["ck_5.keras", "ck_7.keras", "ck_9.keras"]
+    identity_rewrite(tmp_path / "ck_5.keras", tmp_path / "part_rw.keras")
     rest = run(tmp_path / "part_rw.keras", 4, tmp_path / "rest.keras")
     assert (rest.iteration_start, rest.iteration_end) == (5, 9)
-    a, b = tensors(tmp_path / "ref.keras"), tensors(tmp_path / "rest.keras")
+    a, b = tensors(tmp_path / "ck_9.keras"), tensors(tmp_path / "rest.keras")
     assert_bit_identical(a, b)
     before = tensors(src)
     assert int(a["optimizer/iteration"]) == 9
@@ -99,11 +104,10 @@ def test_split_resume_is_bit_identical(opt, cnn_ckpts, tmp_path):
 def test_split_resume_through_weights_h5(tmp_path):
     """The same exactness when the middle checkpoint is a bare .weights.h5 plus --model."""
     src, model = fixture("nested_adamw.weights.h5"), fixture("nested_adamw.keras")
-    run(src, 5, tmp_path / "ref.weights.h5", data="nested_data", model=model)
-    run(src, 2, tmp_path / "a.weights.h5", data="nested_data", model=model)
-    identity_rewrite(tmp_path / "a.weights.h5", tmp_path / "b.weights.h5", model=model)
+    run(src, 5, tmp_path / "ck{iteration}.weights.h5", data="nested_data", model=model, every=2)
+    identity_rewrite(tmp_path / "ck5.weights.h5", tmp_path / "b.weights.h5", model=model)
     run(tmp_path / "b.weights.h5", 3, tmp_path / "c.weights.h5", data="nested_data", model=model)
-    assert_bit_identical(tensors(tmp_path / "ref.weights.h5", model),
+    assert_bit_identical(tensors(tmp_path / "ck8.weights.h5", model),
                          tensors(tmp_path / "c.weights.h5", model))
 
 

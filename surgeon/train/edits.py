@@ -110,46 +110,57 @@ class Mask(Edit):
         import tensorflow as tf
         if self.mask is not None:
             keep = tf.constant(self.mask, dtype=tf.bool)
-        else:
-            flat = tf.sort(tf.reshape(tf.abs(w), [-1]))
-            k = int(round(self.sparsity * int(w.shape.num_elements())))
+        else:  # exactly round(sparsity * n) smallest |w| pruned, stable order (as surgeon.ops.mask)
+            n = int(w.shape.num_elements())
+            k = int(round(self.sparsity * n))
             if k <= 0:
                 return w, tf.zeros_like(w, dtype=tf.bool), None
-            keep = tf.abs(w) > flat[k - 1]
+            order = tf.argsort(tf.reshape(tf.abs(w), [-1]), stable=True)[:k]
+            keep = tf.tensor_scatter_nd_update(tf.ones([n], tf.bool), order[:, None],
+                                               tf.zeros([k], tf.bool))
+            keep = tf.reshape(keep, tf.shape(w))
         return tf.where(keep, w, tf.zeros_like(w)), tf.logical_not(keep), None
 
 
 class Noise(Edit):
-    """Add Gaussian noise ``std * N(0, 1)``; deterministic in (seed, tensor, step)."""
+    """Add Gaussian noise ``std * N(0, 1)`` (``relative``: times the tensor's std);
+    deterministic in (seed, tensor, step)."""
 
     name = "noise"
 
-    def __init__(self, std, seed=0, select="*", slots=None):
+    def __init__(self, std=0.01, seed=0, relative=False, select="*", slots=None):
         super().__init__(select, slots)
-        self.std, self.seed = float(std), int(seed)
+        self.std, self.seed, self.relative = float(std), int(seed), bool(relative)
 
     def transform(self, w, ctx):
-        return w + self.std * ctx.normal(w, self.seed), None, None
+        import tensorflow as tf
+        std = self.std * tf.math.reduce_std(w) if self.relative else self.std
+        return w + std * ctx.normal(w, self.seed), None, None
 
 
 class ShrinkPerturb(Edit):
-    """``shrink * w + sigma * N(0, 1)`` (Ash & Adams 2020)."""
+    """``shrink * w + perturb * N(0, 1)`` (Ash & Adams 2020). In training the noise is
+    Gaussian (the offline op can also draw it from the weight's initializer)."""
 
-    name = "shrink_perturb"
+    name, default_slots = "shrink_perturb", "reset"
     slot_policies = ("keep", "reset", "warm", "follow")
 
-    def __init__(self, shrink=0.5, sigma=0.01, seed=0, select="*", slots=None):
+    def __init__(self, shrink=0.4, perturb=0.1, seed=0, initializer="default", select="*",
+                 slots=None):
         super().__init__(select, slots)
-        self.shrink, self.sigma, self.seed = float(shrink), float(sigma), int(seed)
+        if initializer not in ("default", "normal", "random_normal"):
+            raise RecipeError(f"in-training op 'shrink_perturb': initializer {initializer!r} "
+                              "is not supported inside training; use the default (Gaussian)")
+        self.shrink, self.perturb, self.seed = float(shrink), float(perturb), int(seed)
 
     def transform(self, w, ctx):
-        return self.shrink * w + self.sigma * ctx.normal(w, self.seed), None, self.shrink
+        return self.shrink * w + self.perturb * ctx.normal(w, self.seed), None, self.shrink
 
 
 REGISTRY = {c.name: c for c in (Zero, Rescale, Clip, Mask, Noise, ShrinkPerturb)}
 # parameter aliases used by the offline recipe ops
-_ALIASES = {"scale": "factor", "sigma_noise": "sigma", "noise": "sigma", "stddev": "std",
-            "factor_shrink": "shrink", "norm": "max_norm", "min_value": "min", "max_value": "max"}
+_ALIASES = {"scale": "factor", "sigma": "perturb", "stddev": "std", "norm": "max_norm",
+            "min_value": "min", "max_value": "max"}
 
 
 def from_spec(spec) -> Edit:

@@ -73,7 +73,7 @@ def make_train_step(model, strategy, masks=None, program=None, jit_compile=False
             program.run(optimizer.iterations)
         return loss
 
-    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile)
+    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile, autograph=False)
 
 
 def _strategy(strategy):
@@ -134,6 +134,12 @@ def _dataset(data, batch_size, seed, consumed, strategy):
     return ds
 
 
+def _target(output, iteration):
+    """``output`` with ``{iteration}`` filled in (one file per save), else ``output``."""
+    text = str(output)
+    return text.replace("{iteration}", str(iteration)) if "{iteration}" in text else text
+
+
 def _multiworker(strategy):
     return "MultiWorker" in type(strategy).__name__
 
@@ -153,7 +159,8 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
         output: checkpoint to write (same format as the input); None writes nothing.
         model: ``.keras`` / ``config.json`` / ``module:function`` when the checkpoint has
             no config of its own (or to use a different one).
-        every: also write ``output`` (atomically) every ``every`` steps.
+        every: also write ``output`` (atomically) every ``every`` steps; an output
+            containing ``{iteration}`` keeps one file per save (``ck_{iteration}.keras``).
         seed: ``keras.utils.set_random_seed`` before building (fresh weights, dropout).
         allow_missing: fresh values for weights the checkpoint lacks, ignore extra ones.
         reset_optimizer: do not restore optimizer state; slots start from zero.
@@ -205,16 +212,18 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     t0 = time.perf_counter()
     loss = None
     for i in range(steps):
-        edit = program is not None and program.due(i + 1)
+        edit = program is not None and program.due(start + i + 1)
         loss = step_fn(iterator, edit)
         if on_step is not None:
             on_step(i + 1, steps, loss)
         if every and (i + 1) % every == 0 and i + 1 < steps and output and write and chief:
-            result.checkpoints.append(str(ckpt.save(reader, vm, kmodel, output, like)))
+            result.checkpoints.append(str(ckpt.save(
+                reader, vm, kmodel, _target(output, start + i + 1), like)))
     result.seconds = time.perf_counter() - t0
     result.loss = float(loss) if loss is not None else None
     result.iteration_end = int(kmodel.optimizer.iterations.numpy())
     if output and write and chief:
-        result.checkpoints.append(str(ckpt.save(reader, vm, kmodel, output, like)))
+        result.checkpoints.append(str(ckpt.save(
+            reader, vm, kmodel, _target(output, result.iteration_end), like)))
     result.model = kmodel
     return result
