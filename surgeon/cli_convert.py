@@ -1,4 +1,4 @@
-"""``surgeon convert``: any readable checkpoint -> .keras / .weights.h5 / legacy .h5."""
+"""``surgeon convert``: any readable checkpoint -> .keras / .weights.h5 / legacy .h5 / TF checkpoint."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,8 @@ def _render(report) -> str:
               help="For a bare .weights.h5 source: the .keras file or config.json it belongs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
-    """Convert SRC to DST (.keras, .weights.h5 or legacy .h5), optimizer state included.
+    """Convert SRC to DST (.keras, .weights.h5, legacy .h5 or a TF checkpoint prefix such
+    as out/model.ckpt), optimizer state included.
 
     Keras 3 writes an empty copy of the target model (compiled with the source's
     optimizer); surgeon fills every tensor from SRC, matching by canonical name, then
@@ -50,6 +51,7 @@ def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
     Examples:
       surgeon convert fixtures/realworld/emotion_model.hdf5 emotion.keras
       surgeon convert fixtures/cnn_adam.keras cnn_adam_legacy.h5
+      surgeon convert fixtures/legacy/k20_mlp_adam.h5 out/k20.ckpt
       surgeon convert fixtures/cnn_adam.weights.h5 out.keras --model fixtures/cnn_adam.keras
       surgeon convert old.h5 new.keras --like mypkg.models:build --allow-missing --json
     """

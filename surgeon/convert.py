@@ -59,8 +59,10 @@ def target_format(dst) -> str:
     for ext in (".weights.h5", ".keras", ".h5", ".hdf5"):
         if name.endswith(ext):
             return TARGETS[ext]
-    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5 or .h5 "
-                       "(TF checkpoint output is not supported by this version)")
+    if name.endswith((".ckpt", ".index")) or "." not in Path(name).name:
+        return "tf-checkpoint"  # a prefix: tf.train.Checkpoint(model=, optimizer=).write()
+    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5, .h5 or a "
+                       "TF checkpoint prefix (name.ckpt, or a name without extension)")
 
 
 def _weights(entries):

@@ -219,6 +219,10 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
             out = tmpdir / "skeleton.h5"
             model.save(out)
             return out, None
+    if fmt == "tf-checkpoint":
+        import tensorflow as tf
+        objs = {"model": model} | ({"optimizer": model.optimizer} if opt is not None else {})
+        return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), None
     raise SurgeonError(f"cannot write format {fmt!r}")
 
 

@@ -267,3 +267,26 @@ def test_bad_input_one_line_exit_2_nothing_written(damage, message, tmp_path):
 def test_help_has_example():
     res = run_cli("convert", "--help")
     assert res.exit_code == 0 and "Examples:" in res.output and "--allow-missing" in res.output
+
+
+def test_to_tf_checkpoint_restores_in_tf(converted, tmp_path):
+    pytest.importorskip("surgeon.formats.tf_bundle")
+    import tensorflow as tf
+    from surgeon.convert import convert
+    out, _ = converted
+    prefix = tmp_path / "k20.ckpt"
+    report = convert(LEGACY / "k20_mlp_adam.h5", prefix)
+    assert report.target_format == "tf-checkpoint" and report.iterations == 37
+    m = load_keras_model(out / "k20.keras")  # the same model and optimizer, built by Keras
+    for v in list(m.weights) + list(m.optimizer.variables):
+        v.assign(np.zeros(v.shape, v.dtype))
+    tf.train.Checkpoint(model=m, optimizer=m.optimizer).read(str(prefix)).assert_consumed()
+    assert int(m.optimizer.iterations.numpy()) == 37
+    with open_checkpoint(LEGACY / "k20_mlp_adam.h5") as src:
+        canon = _canon(m)
+        for v in m.weights:
+            np.testing.assert_array_equal(v.numpy(), src.read(canon[id(v)]))
+        slots = _slot_vars(m)
+        assert len(slots) == 12
+        for (p, s), v in slots.items():
+            np.testing.assert_array_equal(v.numpy(), src.read(f"optimizer/{p}/{s}"))
