@@ -52,10 +52,10 @@ def plan_text(plan) -> str:
     return "\n".join(lines)
 
 
-def _run(rec, dry_run, as_json, progress):
+def _run(rec, dry_run, as_json, progress, hash_inputs=True):
     from .execute import apply
     plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
-                        make_dirs=True)
+                        make_dirs=True, hash_inputs=hash_inputs)
     for w in plan.warnings:
         click.echo(f"surgeon: warning: {w}", err=True)
     if as_json:
@@ -84,7 +84,9 @@ def _run(rec, dry_run, as_json, progress):
 @click.option("--dry-run", is_flag=True, help="Print the validated plan and stop; nothing is read or written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and what was written) as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
-def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress):
+@click.option("--no-hash-inputs", is_flag=True,
+              help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
+def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
     """Apply a recipe (recipe.py or recipe.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
@@ -100,7 +102,7 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
     """
     from .recipe import apply_overrides, load_recipe
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
-    _run(rec, dry_run, as_json, not no_progress)
+    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs)
 
 
 @click.command("transplant")

@@ -190,11 +190,15 @@ class KerasH5Writer:
     Every group, attr and untouched dataset is copied as stored (bit-identical).
     """
 
-    def __init__(self, reader: KerasH5Reader, targets):
+    def __init__(self, reader: KerasH5Reader, targets, files=None):
         self.reader = reader
         self.targets = [Path(t) for t in targets]
-        self._tmps = [atomic.temp_path(t) for t in self.targets]
-        self._out = [h5py.File(t, "w") for t in self._tmps]
+        if files is None:
+            self._tmps = [atomic.temp_path(t) for t in self.targets]
+            self._out = [h5py.File(t, "w") for t in self._tmps]
+        else:  # write into open file objects (e.g. straight into a zip member)
+            self._tmps = []
+            self._out = [h5py.File(f, "w") for f in files]
         self._written = set()
 
     def write(self, name, array):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import FormatError, SurgeonError, WriteError
@@ -146,14 +148,89 @@ class KerasZipReader(KerasH5Reader):
             self._tmpdir = None
 
 
+class OffsetFile(io.RawIOBase):
+    """Read-write, seekable window starting at ``offset`` of an open file (growable)."""
+
+    def __init__(self, f, offset):
+        super().__init__()
+        self._f, self._start, self._pos = f, offset, 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        if whence == 2:
+            self._f.seek(0, 2)
+            base = self._f.tell() - self._start
+        else:
+            base = {0: 0, 1: self._pos}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf):
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(buf)
+        self._pos += got
+        return got
+
+    def write(self, data):
+        self._f.seek(self._start + self._pos)
+        n = self._f.write(data)
+        self._pos += n
+        return n
+
+    def truncate(self, size=None):
+        size = self._pos if size is None else size
+        self._f.truncate(self._start + size)
+        return size
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self):  # the underlying file stays open (the zip is still being written)
+        super().close()
+
+
 class KerasZipWriter:
-    """Writes a ``.keras`` like the reader's, with some tensors (or the config) replaced."""
+    """Writes a ``.keras`` like the reader's, with some tensors (or the config) replaced.
+
+    The inner ``model.weights.h5`` is written by h5py straight into its (stored) zip
+    member: its local header is reserved first and patched with size and CRC at the end,
+    so the weights are written once. The central directory keeps the input's member order.
+    """
 
     def __init__(self, reader: KerasZipReader, target):
         self.reader = reader
         self.target = Path(target)
-        self._h5 = KerasH5Writer(reader, [self.target.with_name(self.target.name + ".weights.h5")])
         self._replace = {}
+        self._tmp = atomic.temp_path(self.target)
+        self._file = open(self._tmp, "w+b")
+        try:
+            self._zip = zipfile.ZipFile(self._file, "w")
+            info = next(i for i in reader.members if i.filename == WEIGHTS)
+            self._winfo = zipfile.ZipInfo(WEIGHTS, info.date_time)
+            self._winfo.compress_type, self._winfo.external_attr = zipfile.ZIP_STORED, info.external_attr
+            self._winfo.header_offset = 0
+            self._winfo.CRC = self._winfo.compress_size = self._winfo.file_size = 0
+            self._file.write(self._winfo.FileHeader(zip64=True))
+            self._data_start = self._file.tell()
+            self._member = OffsetFile(self._file, self._data_start)
+            self._h5 = KerasH5Writer(reader, [self.target], files=[self._member])
+        except BaseException:
+            if getattr(self, "_zip", None) is not None:
+                self._zip.fp = None
+            self._file.close()
+            atomic.discard(self._tmp)
+            raise
 
     def write(self, name, array):
         self._h5.write(name, array)
@@ -171,45 +248,70 @@ class KerasZipWriter:
         self._h5.add_extra(path, array)
 
     def finalize(self):
-        h5_tmp = self._h5._tmps[0]
         try:
             self._h5._copy_rest()
             for out in self._h5._out:
                 out.close()
-        except OSError as exc:
+            self._close_weights_member()
+            self._write_rest()
+            self._zip.close()
+            self._file.close()
+            atomic.commit(self._tmp, self.target)
+        except (OSError, zipfile.BadZipFile, ValueError) as exc:
             self.abort()
             raise WriteError(f"cannot write {self.target}: {exc}") from None
-        zip_tmp = atomic.temp_path(self.target)
-        try:
-            self._write_zip(zip_tmp, h5_tmp)
-            atomic.commit(zip_tmp, self.target)
-        except (OSError, zipfile.BadZipFile) as exc:
-            atomic.discard(zip_tmp)
-            raise WriteError(f"cannot write {self.target}: {exc}") from None
-        finally:
-            atomic.discard(h5_tmp)
         return self.target
 
-    def _write_zip(self, zip_tmp, h5_tmp):
-        with zipfile.ZipFile(self.reader.zip_path) as src, zipfile.ZipFile(zip_tmp, "w") as dst:
+    def _close_weights_member(self):
+        """Patch the reserved local header with the member's size and CRC."""
+        self._file.flush()
+        size = os.fstat(self._file.fileno()).st_size - self._data_start
+        crc = 0
+        self._file.seek(self._data_start)
+        left = size
+        while left:
+            block = self._file.read(min(left, 1 << 22))
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+        w = self._winfo
+        w.CRC, w.compress_size, w.file_size = crc, size, size
+        self._file.seek(0)
+        self._file.write(w.FileHeader(zip64=True))
+        self._file.seek(self._data_start + size)
+        self._zip.filelist.append(w)
+        self._zip.NameToInfo[w.filename] = w
+        self._zip.start_dir = self._data_start + size
+
+    def _write_rest(self):
+        dst = self._zip
+        with zipfile.ZipFile(self.reader.zip_path) as src:
             for info in self.reader.members:
                 if info.filename == WEIGHTS:
-                    new = zipfile.ZipInfo(info.filename, info.date_time)
-                    new.compress_type, new.external_attr = zipfile.ZIP_STORED, info.external_attr
-                    with open(h5_tmp, "rb") as f, dst.open(new, "w", force_zip64=True) as w:
-                        shutil.copyfileobj(f, w, 1 << 22)
-                elif info.filename in self._replace:
+                    continue
+                if info.filename in self._replace:
                     dst.writestr(info, self._replace[info.filename])
                 else:
                     with src.open(info) as r, dst.open(info, "w", force_zip64=info.file_size > 2**31) as w:
                         shutil.copyfileobj(r, w, 1 << 22)
-            known = {i.filename for i in self.reader.members}
-            for member, data in self._replace.items():
-                if member not in known:
-                    dst.writestr(zipfile.ZipInfo(member, (1980, 1, 1, 0, 0, 0)), data)
+        known = {i.filename for i in self.reader.members}
+        for member, data in self._replace.items():
+            if member not in known:
+                dst.writestr(zipfile.ZipInfo(member, (1980, 1, 1, 0, 0, 0)), data)
+        order = {i.filename: k for k, i in enumerate(self.reader.members)}
+        dst.filelist.sort(key=lambda i: order.get(i.filename, len(order)))
 
     def abort(self):
-        self._h5.abort()
+        self._zip.fp = None  # nothing more is written (ZipFile.close would add an end record)
+        for out in getattr(self._h5, "_out", []):
+            try:
+                out.close()
+            except Exception:
+                pass
+        try:
+            self._file.close()
+        except Exception:
+            pass
+        atomic.discard(self._tmp)
 
     def __enter__(self):
         return self
