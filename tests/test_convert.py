@@ -290,3 +290,17 @@ def test_to_tf_checkpoint_restores_in_tf(converted, tmp_path):
         assert len(slots) == 12
         for (p, s), v in slots.items():
             np.testing.assert_array_equal(v.numpy(), src.read(f"optimizer/{p}/{s}"))
+
+
+def test_weights_only_legacy_with_like_starts_a_fresh_optimizer(converted, tmp_path):
+    out, _ = converted
+    dst = tmp_path / "w.keras"
+    res = run_cli("convert", LEGACY / "k20_weights_only.h5", dst, "--like", out / "k20.keras")
+    assert res.exit_code == 0, res.output
+    assert "note: the source holds no bound optimizer state: the target optimizer starts fresh" in res.output
+    m = load_keras_model(dst)
+    assert int(m.optimizer.iterations.numpy()) == 0
+    with open_checkpoint(LEGACY / "k20_weights_only.h5") as src:
+        canon = _canon(m)
+        for v in m.weights:
+            np.testing.assert_array_equal(v.numpy(), src.read(canon[id(v)]))

@@ -208,3 +208,17 @@ def test_ls_legacy_does_not_import_tensorflow():
             "print('tensorflow' in sys.modules or 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("layer,cls,cfg,wname,want", [
+    ("conv2d_1", "Conv2D", None, "conv2d_1_1/kernel:0", "conv2d_1/kernel"),  # Keras 2.0 scope
+    ("lstm_1", "LSTM", None, "lstm_1/kernel:0", "lstm_1/lstm_cell/kernel"),  # Keras 2.x
+    ("lstm", "LSTM", None, "lstm/lstm_cell/kernel:0", "lstm/lstm_cell/kernel"),  # tf.keras
+    ("bn", "BatchNormalization", None, "sequential/bn/gamma", "bn/gamma"),  # Keras 3 writer
+    ("backbone", "Functional", None, "fc1/kernel:0", "backbone/fc1/kernel"),  # nested model
+    ("bidirectional_1", "Bidirectional", {"layer": {"class_name": "LSTM"}},
+     "bidirectional_1/forward_lstm_1/kernel:0", "bidirectional_1/forward_lstm_1/lstm_cell/kernel"),
+])
+def test_canonical_names(layer, cls, cfg, wname, want):
+    from surgeon.formats.legacy_h5 import canonical_name
+    assert canonical_name(layer, cls, wname, cfg)[0] == want

@@ -79,7 +79,7 @@ def model_layers(model_config) -> list:
     return out
 
 
-def canonical_name(layer, cls, wname) -> tuple:
+def canonical_name(layer, cls, wname, cfg=None) -> tuple:
     """(canonical name, path below the layer) of weight ``wname`` of ``layer``."""
     parts = legacy_binding.strip_suffix(wname).split("/")
     if layer in parts[:-1]:
@@ -90,6 +90,9 @@ def canonical_name(layer, cls, wname) -> tuple:
         rest = parts[1:]
     if cls in CELLS and len(rest) == 1:
         rest = [CELLS[cls]] + rest
+    wrapped = ((cfg or {}).get("layer") or {}).get("class_name")
+    if cls == "Bidirectional" and wrapped in CELLS and len(rest) == 2:
+        rest = [rest[0], CELLS[wrapped], rest[1]]  # forward_lstm_1/kernel -> .../lstm_cell/kernel
     return "/".join([layer] + rest), rest
 
 
@@ -152,7 +155,7 @@ class LegacyH5Reader(KerasH5Reader):
                 if not isinstance(ds, DS):
                     raise FormatError(f"{label}: weight_names of layer {layer!r} lists {wname!r} "
                                       "but the file has no such dataset (corrupt attrs)")
-                name, rest = canonical_name(layer, cls, wname)
+                name, rest = canonical_name(layer, cls, wname, cfg)
                 state = _is_state(cls, cfg, rest)
                 frozen = not state and _is_frozen(cls, cfg, rest)
                 e = Entry(name, tuple(ds.shape), _dtype(ds), "state" if state else "param",
