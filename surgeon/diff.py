@@ -60,10 +60,15 @@ def as_float(x) -> np.ndarray:
     return x.astype(np.float64, copy=False)
 
 
+def numeric(x) -> np.ndarray:
+    """``x`` itself for numpy's own numeric dtypes, else (bfloat16, ...) as float64."""
+    return x if x.dtype.kind in "fiub" else as_float(x)
+
+
 def fdot(x, y) -> float:
-    """Dot product of two flat float64 arrays (einsum: no BLAS threads, which are slow
-    on a busy machine)."""
-    return float(np.einsum("i,i->", x, y))
+    """Float64 dot product of two flat arrays of numpy numeric dtypes. einsum casts in
+    its inner loop (no float64 copies) and uses no BLAS threads (slow on a busy machine)."""
+    return float(np.einsum("i,i->", x, y, dtype=np.float64, casting="unsafe"))
 
 
 def finite_or_none(x):
@@ -209,28 +214,27 @@ class _Acc:
         self.samples = []
 
     def update(self, a, b):
+        a, b = numeric(a), numeric(b)
         if a.dtype == b.dtype and np.array_equal(a, b):
-            a64 = as_float(a)
-            s = fdot(a64, a64)
+            s = fdot(a, a)
             self.sq_a += s
             self.sq_b += s
             self.dot += s
             return
-        a64, b64 = as_float(a), as_float(b)
         with np.errstate(invalid="ignore", over="ignore"):
-            d = b64 - a64
+            d = np.subtract(b, a, dtype=np.float64)
             sq_d = fdot(d, d)
             if math.isfinite(sq_d):  # common case: no NaN/Inf, fewer passes
                 bad = (a != b) if self.atol == 0 and self.rtol == 0 else \
-                    np.abs(d) > self.atol + self.rtol * np.abs(a64)
+                    np.abs(d) > self.atol + self.rtol * np.abs(as_float(a))
                 self.max_abs = max(self.max_abs, float(d.max()), -float(d.min())) if d.size else self.max_abs
             else:
-                bad, sq_d = self._special(a64, b64, d)
+                bad, sq_d = self._special(as_float(a), as_float(b), d)
             self.n_changed += int(np.count_nonzero(bad))
             self.sq_d += sq_d
-            self.sq_a += fdot(a64, a64)
-            self.sq_b += fdot(b64, b64)
-            self.dot += fdot(a64, b64)
+            self.sq_a += fdot(a, a)
+            self.sq_b += fdot(b, b)
+            self.dot += fdot(a, b)
         if self.sample and self.n_changed:
             picked = d[bad]
             stride = max(1, picked.size // self.sample)
@@ -252,7 +256,7 @@ class _Acc:
 def _sq_norm(reader, name, chunk_bytes):
     total = 0.0
     for c in iter_chunks(reader, name, chunk_bytes):
-        c = as_float(np.asarray(c).reshape(-1))
+        c = numeric(np.asarray(c).reshape(-1))
         with np.errstate(over="ignore", invalid="ignore"):
             total += fdot(c, c)
     return total

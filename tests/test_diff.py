@@ -240,3 +240,38 @@ def test_realworld_legacy_h5_against_itself():
     out = json.loads(res.output)
     assert res.exit_code == 0 and out["equal"] is True and out["summary"]["tensors"] > 0
     assert out["a"]["format"] == "legacy-h5"
+
+
+@pytest.fixture(scope="session")
+def applied(tmp_path_factory):
+    """Outputs of two ready recipes run with ``surgeon apply`` (another area's engine)."""
+    pytest.importorskip("surgeon.recipe")
+    d = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for name, extra in (("reset_head", []), ("prune_magnitude", []),
+                        ("prune_keep", ["--set", "ops.0.slots=keep"])):
+        recipe = ROOT / "recipes" / f"{'prune_magnitude' if name == 'prune_keep' else name}.py"
+        res = run_cli("apply", recipe, "-o", d / f"{name}.keras", *extra)
+        assert res.exit_code == 0, res.output
+        out[name] = d / f"{name}.keras"
+    return out
+
+
+def test_recipe_edit_reports_exactly_the_edited_tensors(applied):
+    res, js = _json(fixture(BASE), applied["reset_head"])
+    assert res.exit_code == 1
+    assert sorted(t["name"] for t in js["tensors"] if t["status"] != "equal") == [
+        "head/bias", "head/kernel", "optimizer/head/bias/momentum", "optimizer/head/bias/velocity",
+        "optimizer/head/kernel/momentum", "optimizer/head/kernel/velocity"]
+    assert js["flags"] == []  # params and their slots changed together
+    slots = {t["name"]: t for t in js["tensors"] if t["name"].startswith("optimizer/head/")}
+    assert all(t["norm_b"] == 0.0 and t["rel_l2"] == pytest.approx(1.0) for t in slots.values())
+
+
+def test_audit_of_pruned_recipe_outputs(applied):
+    from surgeon.audit import audit_path
+    codes = {f.code for f in audit_path(applied["prune_magnitude"]).findings}
+    assert not codes & {"masked-moments", "masked-nonzero"}
+    kept = [f for f in audit_path(applied["prune_keep"]).findings if f.code == "masked-moments"]
+    assert kept and all("masked (stored pruning mask) weights have non-zero optimizer moments" in f.message
+                        for f in kept)

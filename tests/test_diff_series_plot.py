@@ -18,12 +18,11 @@ def run(tmp_path_factory):
     """A fake 'training run': ckpt-1 = base, ckpt-2 / ckpt-10 move head/kernel further."""
     d = tmp_path_factory.mktemp("run")
     paths = [d / "ckpt-1.keras", d / "ckpt-2.keras", d / "ckpt-10.keras"]
-    with open_checkpoint(fixture(BASE)) as r:
-        base = r.read("head/kernel")
-        for path, scale in zip(paths, (1.0, 1.1, 1.5)):
-            with open_writer(path, like=r) as w:
-                w.write("head/kernel", base * np.float32(scale))
-                w.finalize()
+    for path, scale in zip(paths, (1.0, 1.1, 1.5)):
+        with open_checkpoint(fixture(BASE)) as r, open_writer(path, like=r) as w:
+            base = r.read("head/kernel")
+            w.write("head/kernel", base * np.float32(scale))
+            w.finalize()
     return d, paths, base
 
 
