@@ -39,7 +39,7 @@ def _h5_kind(path: Path) -> str:
         with h5py.File(path, "r") as f:
             if "model_weights" in f or any(k.startswith("layer_names") for k in f.attrs):
                 return "legacy-h5"
-    except OSError:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError):
         pass  # the reader reports the damage with its own message
     return "keras-weights-h5"
 

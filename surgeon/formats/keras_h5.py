@@ -10,21 +10,35 @@ import numpy as np
 from ..errors import FormatError, SurgeonError, WriteError
 from .. import atomic
 from . import keras_layout
-from .h5tree import DS, Node, snapshot
+from .h5tree import DS, Node, check_dataset, snapshot
+
+
+# What h5py/numpy raise on a damaged file; turned into one-line FormatErrors at the edge.
+DAMAGE = (KeyError, ValueError, OSError, RuntimeError, TypeError, IndexError, AttributeError,
+          OverflowError, RecursionError)
+
+
+def first_line(exc) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def open_h5(source, label) -> h5py.File:
     """Open an HDF5 file (path or file object) read-only, with a one-line error."""
     try:
-        return h5py.File(source, "r")
+        f = h5py.File(source, "r")
+        f.surgeon_source = source  # raw bytes for h5tree's heap checks
+        return f
     except FileNotFoundError:
         raise FormatError(f"{label}: no such file") from None
-    except OSError as exc:
+    except DAMAGE as exc:
         raise FormatError(f"{label}: not a readable HDF5 file (truncated or corrupt): "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
 
 
 def to_numpy(ds: h5py.Dataset, bf16: bool) -> np.ndarray:
+    check_dataset(ds)
     arr = ds[()]
     arr = np.asarray(arr)
     if bf16:
@@ -48,9 +62,9 @@ class KerasH5Reader:
         except SurgeonError:
             self.close()
             raise
-        except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        except DAMAGE as exc:
             self.close()
-            raise FormatError(f"{self.label}: damaged Keras weights structure: {exc}") from None
+            raise FormatError(f"{self.label}: damaged Keras weights structure: {first_line(exc)}") from None
 
     def _build(self, model_json):
         if "layers" not in self._root and "vars" not in self._root:
@@ -92,16 +106,17 @@ class KerasH5Reader:
         e = self.entry(name)
         try:
             return to_numpy(self._dataset(e.key), e.dtype == "bfloat16")
-        except OSError as exc:
-            raise FormatError(f"{self.label}: cannot read {name}: {str(exc).splitlines()[0]}") from None
+        except DAMAGE as exc:
+            raise FormatError(f"{self.label}: cannot read {name}: {first_line(exc)}") from None
 
     def read_chunks(self, name, max_bytes=8 << 20):
         """Yield ``name``'s values as slices along axis 0 of at most ~``max_bytes`` each
         (one row at least), so large tensors can be streamed (used by diff/audit)."""
         e = self.entry(name)
-        ds = self._dataset(e.key)
         bf16 = e.dtype == "bfloat16"
         try:
+            ds = self._dataset(e.key)
+            check_dataset(ds)
             if ds.ndim == 0 or ds.shape[0] == 0 or ds.nbytes <= max_bytes:
                 yield to_numpy(ds, bf16)
                 return
@@ -112,8 +127,8 @@ class KerasH5Reader:
                     import ml_dtypes
                     arr = arr.view(ml_dtypes.bfloat16)
                 yield arr
-        except OSError as exc:
-            raise FormatError(f"{self.label}: cannot read {name}: {str(exc).splitlines()[0]}") from None
+        except DAMAGE as exc:
+            raise FormatError(f"{self.label}: cannot read {name}: {first_line(exc)}") from None
 
     def metadata(self) -> dict:
         return {"format": self.format, "path": str(self.path),

@@ -1,0 +1,283 @@
+"""Fuzz: mutated and truncated real checkpoints end in a one-line SurgeonError or a correct read.
+
+Every case runs in a forked child (cheap: no re-import) so that a libhdf5 segfault, a hang
+or a memory blow-up in one case is reported as that case's failure instead of killing the
+test session. The child gets an address-space limit of its parent's size + 1 GiB (a
+declared shape larger than the file must be refused *before* allocating) and a wall-clock
+watchdog. Hypothesis picks the fixture and the mutation; ~1,100 cases per run.
+
+Outcome rules for one case:
+- ``surgeon.SurgeonError`` with a non-empty, single-line message: fine.
+- a read: every listed tensor reads, with the listed shape and dtype; when the mutated
+  bytes happen to equal the original, every value equals the original's.
+- anything else (another exception type, a signal, a timeout, MemoryError): failure.
+"""
+import faulthandler
+import functools
+import os
+import resource
+import select
+import shutil
+import signal
+import time
+import traceback
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+from conftest import FIXTURES, fixture
+
+CASE_TIMEOUT = 30.0  # seconds; generous because the CI machine is shared
+SCALE = int(os.environ.get("SURGEON_FUZZ_SCALE", "1"))  # e.g. 20 for a deep nightly run
+CASES = {k: v * SCALE for k, v in {"keras": 320, "weights": 320, "sharded": 200,
+                                   "truncated": 200}.items()}
+# No shrinking: a failing mutation is already small, and shrinking can take minutes.
+FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
+                phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+KERAS = ["cnn_adam.keras", "lstm_adam.keras", "nested_adamw.keras", "cnn_rmsprop.keras"]
+WEIGHTS = ["cnn_adam.weights.h5", "lstm_adam.weights.h5", "nested_adagrad.weights.h5",
+           "cnn_sgdm.weights.h5"]
+SHARDED = ["cnn_adam_sharded.weights.json"] + [
+    f"cnn_adam_sharded_{i:05d}.weights.h5" for i in range(5)]
+
+
+def _vm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _check_read(path, model, original):
+    """Child side: open, list, read everything; returns 'ok' or 'surgeon <msg>'."""
+    import surgeon
+    try:
+        with surgeon.open_checkpoint(path, model=model) as ck:
+            entries = ck.entries()
+            ck.metadata()
+            for e in entries:
+                arr = ck.read(e.name)
+                assert tuple(arr.shape) == tuple(e.shape), (e.name, arr.shape, e.shape)
+                assert str(arr.dtype) == e.dtype, (e.name, arr.dtype, e.dtype)
+                if original is not None:
+                    np.testing.assert_array_equal(arr, original[e.name])
+        return "ok"
+    except surgeon.SurgeonError as exc:
+        return "surgeon " + str(exc)
+
+
+def run_isolated(fn, *args, timeout=CASE_TIMEOUT):
+    """Run ``fn(*args)`` in a forked child with a memory limit and a watchdog.
+
+    Returns the child's string result, or ``CRASH ...`` describing what went wrong."""
+    limit = _vm_bytes() + 2**30
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        faulthandler.disable()  # a crash is an expected outcome here, not noise
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+            out = fn(*args)
+        except BaseException:  # noqa: BLE001 - report everything to the parent
+            out = "CRASH exception:\n" + traceback.format_exc()
+        os.write(wfd, out.encode("utf-8", "replace"))
+        os._exit(0)
+    os.close(wfd)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return f"CRASH timeout after {timeout}s"
+            ready, _, _ = select.select([rfd], [], [], min(left, 1.0))
+            if ready:
+                data = os.read(rfd, 1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(rfd)
+    if os.WIFSIGNALED(status):
+        return f"CRASH killed by signal {os.WTERMSIG(status)}"
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _assert_outcome(out, case):
+    assert not out.startswith("CRASH"), f"{case}: {out}"
+    if out.startswith("surgeon "):
+        msg = out[len("surgeon "):]
+        assert msg.strip() and "\n" not in msg, f"{case}: not a one-line message: {msg!r}"
+    else:
+        assert out == "ok", f"{case}: {out}"
+
+
+# -- mutations -----------------------------------------------------------------------------
+def _mutation():
+    pos = st.floats(0, 1, exclude_max=True)
+    flips = st.lists(st.tuples(pos, st.integers(0, 255)), min_size=1, max_size=12)
+    return st.one_of(
+        st.tuples(st.just("flip"), flips),
+        st.tuples(st.just("truncate"), pos),
+        st.tuples(st.just("overwrite"), st.tuples(pos, st.binary(min_size=1, max_size=64))),
+        st.tuples(st.just("zero"), st.tuples(pos, st.integers(1, 4096))),
+        st.tuples(st.just("delete"), st.tuples(pos, st.integers(1, 512))),
+        st.tuples(st.just("insert"), st.tuples(pos, st.binary(min_size=1, max_size=64))),
+        # big-endian/large numbers where shapes and sizes live: 0xff runs
+        st.tuples(st.just("ones"), st.tuples(pos, st.integers(1, 8))),
+    )
+
+
+def mutate(data: bytes, mutation) -> bytes:
+    kind, arg = mutation
+    b = bytearray(data)
+    n = len(b)
+    if kind == "flip":
+        for p, v in arg:
+            b[int(p * n)] = v
+    elif kind == "truncate":
+        del b[int(arg * n):]
+    elif kind == "overwrite":
+        p, blob = int(arg[0] * n), arg[1]
+        b[p:p + len(blob)] = blob
+    elif kind == "zero":
+        p = int(arg[0] * n)
+        b[p:p + arg[1]] = bytes(len(b[p:p + arg[1]]))
+    elif kind == "delete":
+        p = int(arg[0] * n)
+        del b[p:p + arg[1]]
+    elif kind == "insert":
+        p = int(arg[0] * n)
+        b[p:p] = arg[1]
+    elif kind == "ones":
+        p = int(arg[0] * n)
+        b[p:p + arg[1]] = b"\xff" * len(b[p:p + arg[1]])
+    return bytes(b)
+
+
+@functools.lru_cache(maxsize=None)
+def originals():
+    """name -> {tensor: array} read from the unmodified fixtures (the expected values)."""
+    import surgeon
+    out = {}
+    for name in KERAS + WEIGHTS + SHARDED[:1]:
+        model = _model_for(name)
+        with surgeon.open_checkpoint(fixture(name), model=model) as ck:
+            out[name] = {e.name: ck.read(e.name) for e in ck.entries()}
+    return out
+
+
+def _model_for(name):
+    if name.endswith(".weights.h5") and not name.startswith("cnn_adam_sharded"):
+        return fixture(name.replace(".weights.h5", ".keras"))
+    if name.endswith(".weights.json"):
+        return fixture("cnn_adam.keras")
+    return None
+
+
+def _fuzz_one(tmp_path, name, mutation, with_model=True, expected=None):
+    src = fixture(name)
+    data = src.read_bytes()
+    bad = mutate(data, mutation)
+    path = tmp_path / src.name
+    path.write_bytes(bad)
+    model = _model_for(name) if with_model else None
+    original = expected if bad == data else None
+    out = run_isolated(_check_read, path, model, original)
+    _assert_outcome(out, f"{name} {mutation!r}")
+    return out
+
+
+@settings(FUZZ, max_examples=CASES["keras"])
+@given(name=st.sampled_from(KERAS), mutation=_mutation())
+def test_fuzz_keras_zip(tmp_path_factory, name, mutation):
+    tmp = tmp_path_factory.mktemp("fz")
+    _fuzz_one(tmp, name, mutation, expected=originals()[name])
+    shutil.rmtree(tmp)
+
+
+@settings(FUZZ, max_examples=CASES["weights"])
+@given(name=st.sampled_from(WEIGHTS), mutation=_mutation(), with_model=st.booleans())
+def test_fuzz_weights_h5(tmp_path_factory, name, mutation, with_model):
+    tmp = tmp_path_factory.mktemp("fz")
+    _fuzz_one(tmp, name, mutation, with_model=with_model,
+              expected=originals()[name] if with_model else None)
+    shutil.rmtree(tmp)
+
+
+@settings(FUZZ, max_examples=CASES["sharded"])
+@given(which=st.sampled_from(SHARDED), mutation=_mutation())
+def test_fuzz_sharded(tmp_path_factory, which, mutation):
+    """Mutate the index or one shard; the other files are intact copies."""
+    tmp = tmp_path_factory.mktemp("fz")
+    for n in SHARDED:
+        shutil.copy(fixture(n), tmp / n)
+    data = fixture(which).read_bytes()
+    bad = mutate(data, mutation)
+    (tmp / which).write_bytes(bad)
+    original = originals()[SHARDED[0]] if bad == data else None
+    out = run_isolated(_check_read, tmp / SHARDED[0], fixture("cnn_adam.keras"), original)
+    _assert_outcome(out, f"{which} {mutation!r}")
+    shutil.rmtree(tmp)
+
+
+@settings(FUZZ, max_examples=CASES["truncated"])
+@given(name=st.sampled_from(KERAS + WEIGHTS), cut=st.floats(0, 1, exclude_max=True))
+def test_fuzz_truncated(tmp_path_factory, name, cut):
+    """A file cut anywhere (an interrupted download or copy) never reads as complete."""
+    tmp = tmp_path_factory.mktemp("fz")
+    out = _fuzz_one(tmp, name, ("truncate", cut))
+    assert out.startswith("surgeon "), f"{name} cut at {cut}: read a truncated file as complete"
+    shutil.rmtree(tmp)
+
+
+def test_declared_shape_larger_than_file_is_refused_before_allocating(tmp_path):
+    """A dataset header claiming ~1 TB in a 40 kB file: refused without allocating."""
+    import h5py
+    src = fixture("cnn_adam.weights.h5")
+    path = tmp_path / "huge.weights.h5"
+    shutil.copy(src, path)
+    with h5py.File(path, "r+") as f:
+        key = "layers/dense/vars/0"
+        del f[key]
+        # chunked, unfilled: libhdf5 would happily hand back 2**38 fill values
+        f.create_dataset(key, shape=(2**19, 2**19), dtype="float32", chunks=(64, 64))
+    out = run_isolated(_check_read, path, fixture("cnn_adam.keras"), None)
+    assert out.startswith("surgeon "), out
+    assert "declared shape (524288, 524288) needs 1099511627776 bytes" in out, out
+
+
+def test_compressed_bomb_dataset_is_refused(tmp_path):
+    """A gzip dataset whose declared size is > 2000x what it stores is refused unread."""
+    import h5py
+    path = tmp_path / "bomb.weights.h5"
+    shutil.copy(fixture("cnn_adam.weights.h5"), path)
+    with h5py.File(path, "r+") as f:
+        key = "layers/dense/vars/0"
+        del f[key]
+        ds = f.create_dataset(key, shape=(2**14, 2**14), dtype="float32", chunks=(2**12, 2**12),
+                              compression="gzip")
+        ds[:2**12, :2**12] = 0.0  # one real chunk; the rest is "fill value"
+    out = run_isolated(_check_read, path, fixture("cnn_adam.keras"), None)
+    assert out.startswith("surgeon ") and "declared shape (16384, 16384)" in out, out
+
+
+def test_harness_reports_crashes_and_hangs():
+    """The isolation itself works: a segfault, a hang and a memory blow-up are caught."""
+    assert run_isolated(lambda: (os.kill(os.getpid(), signal.SIGSEGV), "")[1]) \
+        == "CRASH killed by signal 11"
+    assert run_isolated(lambda: (time.sleep(10), "")[1], timeout=0.5).startswith("CRASH timeout")
+    out = run_isolated(lambda: str(np.ones(2**32, dtype=np.float64).sum()))
+    assert out.startswith("CRASH exception") and "MemoryError" in out, out
+
+
+def test_case_count():
+    """>= 1,000 fuzz cases per run."""
+    assert sum(CASES.values()) >= 1000, CASES
