@@ -6,7 +6,6 @@ all of them. Only the chief writes checkpoints.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import SurgeonError
@@ -18,7 +17,10 @@ def make_strategy(name: str):
     if name in ("default", "none", ""):
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(cpus)  # logical CPUs (see logical_cpus)
     if name in ("multiworker", "multi-worker"):
         if "TF_CONFIG" not in os.environ:
             raise SurgeonError("--strategy multiworker needs TF_CONFIG (cluster and task)")
@@ -28,13 +30,7 @@ def make_strategy(name: str):
 
 def is_chief(strategy) -> bool:
     """True unless this process is a non-chief worker of a multi-worker cluster."""
-    if "MultiWorker" not in type(strategy).__name__:
-        return True
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-    if task.get("type") == "chief":
-        return True
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in cluster
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
 def logical_cpus(n: int):

@@ -141,7 +141,7 @@ def _target(output, iteration):
 
 
 def _multiworker(strategy):
-    return "MultiWorker" in type(strategy).__name__
+    return getattr(strategy, "cluster_resolver", None) is not None
 
 
 def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed=None,

@@ -1,0 +1,151 @@
+"""resume under tf.distribute: MirroredStrategy on two logical CPUs, MultiWorkerMirrored
+with two worker processes on 127.0.0.1. Each runs in a fresh subprocess (logical devices
+and TF_CONFIG must be set before TensorFlow initialises), bounded by a timeout.
+
+The model compared with the single-device run is the LSTM fixture (no BatchNorm: BN
+normalises with per-replica batch statistics, so a BN model legitimately differs unless
+it uses ``synchronized=True``); the CNN (BatchNorm + frozen layer) is used to check that
+every restored variable is identical on every replica.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import fixture
+from surgeon import open_checkpoint
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+DATA = os.path.join(ROOT, "recipes", "example_data.py")
+STEPS = 4
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep +
+               os.path.join(ROOT, "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def tensors(path):
+    with open_checkpoint(path) as ck:
+        return {e.name: ck.read(e.name) for e in ck.entries()}
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    from surgeon.train import resume
+    out = tmp_path_factory.mktemp("single") / "lstm.keras"
+    resume(str(fixture("lstm_adam.keras")), data=f"{DATA}:lstm_data", steps=STEPS, output=str(out))
+    return tensors(out)
+
+
+def assert_close(ref, got):
+    assert sorted(ref) == sorted(got)
+    for n in ref:
+        np.testing.assert_allclose(got[n], ref[n], rtol=2e-4, atol=1e-6, err_msg=n)
+    assert int(got["optimizer/iteration"]) == 3 + STEPS
+
+
+def test_mirrored_two_logical_cpus(tmp_path, single_device):
+    report = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, HERE, "mirrored", str(tmp_path), str(report)],
+                       env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["replicas"] == 2
+    assert rep["restored_identical"] and rep["restored_checked"] == 30  # cnn: every var, both replicas
+    assert rep["trained_identical"]
+    assert_close(single_device, tensors(tmp_path / "lstm_mirrored.keras"))
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multiworker_two_processes(tmp_path, single_device):
+    try:
+        ports = _free_ports(2)
+    except OSError as exc:
+        pytest.skip(f"cannot bind local ports for the workers: {exc}")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        cfg = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, HERE, "multiworker", str(tmp_path), str(tmp_path / f"w{i}.json")],
+            env=_env(TF_CONFIG=cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=180))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.skip("multi-worker run did not finish within 180 s (environment too slow or "
+                    "collectives blocked on 127.0.0.1)")
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0 and ("Address already in use" in err or "Failed to bind" in err):
+            pytest.skip(f"worker could not bind its port: {err.strip().splitlines()[-1]}")
+        assert p.returncode == 0, err[-3000:]
+    w0, w1 = (json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2))
+    assert w0["replicas"] == w1["replicas"] == 2
+    assert w0["chief"] and not w1["chief"]
+    assert w0["loss"] == pytest.approx(w1["loss"], rel=1e-6)
+    assert [p.name for p in tmp_path.glob("*.keras")] == ["lstm_multiworker.keras"]  # chief only
+    assert_close(single_device, tensors(tmp_path / "lstm_multiworker.keras"))
+
+
+# -- subprocess entry points ---------------------------------------------------------------
+
+def _mirrored(outdir, report):
+    from surgeon.train.distribute import logical_cpus, replica_values
+    logical_cpus(2)
+    from surgeon.train import resume
+    out = {}
+    res = resume(str(fixture("cnn_adam.keras")), data=f"{DATA}:cnn_data", steps=0,
+                 strategy="mirrored", write=False)
+    model = res.model
+    with open_checkpoint(fixture("cnn_adam.keras")) as ck:
+        want = {e.name: ck.read(e.name) for e in ck.entries()}
+    from surgeon.train.mapping import map_model
+    vm = map_model(model)
+    live = {**vm.model, **vm.optimizer}
+    checked, same = 0, True
+    for name, var in live.items():
+        vals = replica_values(var)
+        same &= len(vals) == 2 and all(np.array_equal(v, want[name]) for v in vals)
+        checked += 1
+    out.update(replicas=res.replicas, restored_identical=bool(same), restored_checked=checked)
+    res = resume(str(fixture("lstm_adam.keras")), data=f"{DATA}:lstm_data", steps=STEPS,
+                 output=os.path.join(outdir, "lstm_mirrored.keras"), strategy="mirrored")
+    vm = map_model(res.model)
+    out["trained_identical"] = all(
+        np.array_equal(*replica_values(v)) for v in {**vm.model, **vm.optimizer}.values())
+    with open(report, "w") as f:
+        json.dump(out, f)
+
+
+def _multiworker(outdir, report):
+    from surgeon.train import resume
+    from surgeon.train.distribute import is_chief, make_strategy
+    strategy = make_strategy("multiworker")
+    res = resume(str(fixture("lstm_adam.keras")), data=f"{DATA}:lstm_data", steps=STEPS,
+                 output=os.path.join(outdir, "lstm_multiworker.keras"), strategy=strategy)
+    with open(report, "w") as f:
+        json.dump({"replicas": res.replicas, "chief": is_chief(strategy), "loss": res.loss}, f)
+
+
+if __name__ == "__main__":
+    {"mirrored": _mirrored, "multiworker": _multiworker}[sys.argv[1]](sys.argv[2], sys.argv[3])
