@@ -175,10 +175,8 @@ def optimizer_from(class_name, config, label):
     # the class's own default name ("adam"): an auto name would be uniquified ("adam_4")
     default = inspect.signature(cls.__init__).parameters.get("name")
     cfg["name"] = default.default if default and isinstance(default.default, str) else None
-    if isinstance(cfg.get("learning_rate"), dict):
-        notes.append("learning-rate schedule kept as configured")
     try:
-        return cls(**cfg), notes
+        return cls.from_config(cfg), notes  # from_config also rebuilds learning-rate schedules
     except (TypeError, ValueError) as exc:
         raise SurgeonError(f"{label}: cannot create Keras 3 {class_name}: {exc}") from None
 
