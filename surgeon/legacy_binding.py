@@ -111,13 +111,56 @@ def _by_name(w, cls, params_by_key, flat_keys):
     return None
 
 
-def _orders(params, keras_version):
-    """Candidate param orders for positional schemes, most likely first."""
-    model = list(params)
-    by_name = sorted(params, key=lambda p: p.wname)
-    if str(keras_version or "").startswith("2.0"):
-        return [("sorted by variable name (Keras 2.0)", by_name), ("model order", model)]
-    return [("model order", model), ("sorted by variable name (Keras 2.0)", by_name)]
+MODEL_ORDER, NAME_ORDER = "model order", "order sorted by variable name"
+
+
+def _known_order(keras_version):
+    """The order a Keras version used, or None when not known for sure.
+
+    Keras 2.0.x sorted ``_collected_trainable_weights`` by name (seen in the fer 2.0.5 file);
+    Keras 2.2+ and tf.keras keep the model's topological order.
+    """
+    m = re.match(r"^(\d+)\.(\d+)", str(keras_version or ""))
+    if not m:
+        return None
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) == (2, 0):
+        return NAME_ORDER
+    return MODEL_ORDER if (major, minor) >= (2, 2) else None
+
+
+def _plan(rest, order, blocks, k, amsgrad):
+    """index -> (param, slot) (None for a vhat placeholder), or None if a shape differs."""
+    n, plan = len(order), {}
+    for j in range(k):
+        for i, p in enumerate(order):
+            w = rest[j * n + i]
+            if blocks[j] == "velocity_hat" and not amsgrad and w.shape == (1,):
+                plan[w.index] = None  # placeholder Keras 2.2 keeps when amsgrad is off
+            elif w.shape != p.shape:
+                return None
+            else:
+                plan[w.index] = (p.name, blocks[j])
+    return plan
+
+
+def _choose(plans, known, keras_version, b):
+    """Pick the plan to use from {label: plan or None}; None when ambiguous or none fits."""
+    if known and plans[known] is not None:
+        return plans[known]
+    fits = {label: p for label, p in plans.items() if p is not None}
+    distinct = {tuple(sorted(p.items(), key=lambda kv: kv[0])) for p in fits.values()}
+    if len(distinct) == 1:
+        label = next(iter(fits))
+        if known:
+            b.notes.append(f"optimizer weights follow the {label}, not what Keras "
+                           f"{keras_version} normally uses; bound by shape")
+        return fits[label]
+    if len(distinct) > 1:
+        b.notes.append(f"ambiguous optimizer layout: Keras {keras_version} may list the slots in "
+                       "model order or sorted by variable name, and both fit the shapes; "
+                       "left unresolved")
+    return None
 
 
 def _bind_positional(b, rest, params, cls, config, keras_version):
@@ -135,34 +178,20 @@ def _bind_positional(b, rest, params, cls, config, keras_version):
                        f"more than {cls} keeps ({len(blocks)} per weight)")
         return
     amsgrad = bool((config or {}).get("amsgrad", False))
-    for label, order in _orders(params, keras_version):
-        plan, ok = {}, True
-        for j in range(k):
-            slot = blocks[j]
-            for i, p in enumerate(order):
-                w = rest[j * n + i]
-                if slot == "velocity_hat" and not amsgrad and w.shape == (1,):
-                    plan[w.index] = None  # placeholder Keras 2.2 keeps when amsgrad is off
-                elif w.shape != p.shape:
-                    ok = False
-                    break
-                else:
-                    plan[w.index] = (p.name, slot)
-            if not ok:
-                break
-        if ok:
-            if label != _orders(params, keras_version)[0][0]:
-                b.notes.append(f"optimizer weights follow the {label}, not what Keras "
-                               f"{keras_version} normally uses; bound by shape")
-            for idx, v in plan.items():
-                if v is None:
-                    b.placeholders.append(idx)
-                else:
-                    b.slots[idx] = v
-            return
-    b.unresolved = [w.index for w in rest]
-    b.notes.append(f"{len(rest)} positional optimizer weights do not fit the {n} trainable "
-                   f"weights in model order or name order (shape mismatch); left unresolved")
+    orders = {MODEL_ORDER: list(params), NAME_ORDER: sorted(params, key=lambda p: p.wname)}
+    plans = {label: _plan(rest, order, blocks, k, amsgrad) for label, order in orders.items()}
+    plan = _choose(plans, _known_order(keras_version), keras_version, b)
+    if plan is None:
+        b.unresolved = [w.index for w in rest]
+        if not any("ambiguous" in note for note in b.notes):
+            b.notes.append(f"{len(rest)} positional optimizer weights do not fit the {n} trainable "
+                           "weights in model order or name order (shape mismatch); left unresolved")
+        return
+    for idx, v in plan.items():
+        if v is None:
+            b.placeholders.append(idx)
+        else:
+            b.slots[idx] = v
 
 
 def bind(weights, params, cls, config, keras_version) -> LegacyBinding:

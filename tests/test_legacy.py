@@ -222,3 +222,22 @@ def test_ls_legacy_does_not_import_tensorflow():
 def test_canonical_names(layer, cls, cfg, wname, want):
     from surgeon.formats.legacy_h5 import canonical_name
     assert canonical_name(layer, cls, wname, cfg)[0] == want
+
+
+@pytest.mark.parametrize("version,bound", [("2.0.5", True), ("2.2.4", True), ("2.1.6", False)])
+def test_positional_order_decided_by_version_or_unresolved(version, bound):
+    """Four same-shaped params: model order and name order both fit the shapes. Keras 2.0
+    sorted by name, 2.2 kept model order; for 2.1 surgeon does not know, so it refuses."""
+    from surgeon import legacy_binding as lb
+    params = [lb.Param(f"{n}/kernel", f"{n}/kernel:0", (2, 2)) for n in ("z", "a", "m", "b")]
+    weights = [lb.OptWeight(0, "iterations:0", ())] + [
+        lb.OptWeight(i + 1, f"Variable_{i}:0", (2, 2)) for i in range(8)]
+    b = lb.bind(weights, params, "Adam", {}, version)
+    assert b.globals == {0: "iteration"}
+    if not bound:
+        assert b.slots == {} and len(b.unresolved) == 8 and "ambiguous" in b.notes[0]
+        return
+    order = sorted(params, key=lambda p: p.wname) if version == "2.0.5" else params
+    assert [b.slots[i + 1] for i in range(4)] == [(p.name, "momentum") for p in order]
+    assert [b.slots[i + 5] for i in range(4)] == [(p.name, "velocity") for p in order]
+    assert b.notes == []
