@@ -96,7 +96,19 @@ class _SlotState:
             self.changed[name] = np.zeros_like(cur) if src is None else np.asarray(src).astype(cur.dtype)
 
 
-def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False):
+def open_output(out, reader, plan, patch=True):
+    """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
+    (fastest, every other byte is the input's), else the rebuilding lossless writer."""
+    from .formats import open_writer
+    if patch and all(s.dtype == s.new_dtype for s in plan.steps):
+        from .formats.keras_patch import open_patch_writer
+        writer = open_patch_writer(out, reader)
+        if writer is not None:
+            return writer
+    return open_writer(out, like=reader)
+
+
+def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False, patch=True):
     """Plan ``recipe`` and (unless ``dry_run``) write its output, with provenance embedded.
 
     Args:
@@ -105,6 +117,7 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         progress: optional callable ``(done, total, name)``.
         hash_inputs: record sha256 content hashes of the inputs in the provenance.
         make_dirs: create the output's parent directory when missing.
+        patch: allow the clone-and-patch writer (False: always rebuild the file).
     Returns:
         ``(plan, stats)``; ``stats`` is None for a dry run.
     Example:
@@ -114,7 +127,6 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
 
     from . import __version__, provenance
     from .errors import RecipeError
-    from .formats import open_writer
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
     with open_input(recipe) as reader:
@@ -129,7 +141,9 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             if make_dirs:
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": recipe.input} | {f"source:{p}": p for p in ctx.sources}
-            with open_writer(out, like=reader) as writer:
+            if out.exists() and out.resolve() == Path(reader.path).resolve():
+                raise RecipeError(f"{out}: output is the input; choose another output path")
+            with open_output(out, reader, plan, patch) as writer:
                 stats = run(plan, ctx, writer, progress)
                 history = provenance.read_log(recipe.input)
                 record = provenance.make_record(recipe, plan, inputs, __version__, hash_inputs)

@@ -1,0 +1,324 @@
+"""Clone-and-patch writers: copy the file in the kernel, then overwrite edited tensors in place.
+
+When every edited tensor keeps its shape and dtype (the usual surgery), the fastest
+lossless output is the input itself, cloned (``shutil.copyfile`` uses ``sendfile``/
+``copy_file_range``), with those datasets overwritten in place through h5py. Every other
+byte is the input's. For a ``.keras`` the inner H5 is patched inside the cloned zip (it
+must be the last, stored member); the member's CRC is updated from the bytes that
+changed only (CRC-32 is affine, so ``crc(new) = crc(old) ^ crc(diff) ^ crc(zeros)``),
+and the central directory is rewritten. Same protocol as the other writers.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import atomic
+from ..errors import WriteError
+from .keras_zip import WEIGHTS, _data_offset
+
+# -- CRC-32 algebra (zlib's crc32_combine, which Python's zlib does not expose) ----------
+_POLY = 0xEDB88320
+
+
+def _multmodp(a, b):
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                break
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return p
+
+
+_X2N = [1 << 30]
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def _x2nmodp(n, k):
+    p = 1 << 31
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1, crc2, len2):
+    """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
+    return _multmodp(_x2nmodp(len2, 3), crc1) ^ (crc2 & 0xFFFFFFFF)
+
+
+def crc32_zeros(n):
+    """CRC-32 of ``n`` zero bytes, in O(log n)."""
+    crc, block, size = 0, zlib.crc32(b"\0"), 1
+    while n:
+        if n & 1:
+            crc = crc32_combine(crc, block, size)
+        block = crc32_combine(block, block, size)
+        size *= 2
+        n >>= 1
+    return crc
+
+
+class CrcTrackingFile(io.RawIOBase):
+    """A growable read-write window onto a zip member that keeps the member's CRC-32
+    current by looking only at the bytes each write changes."""
+
+    def __init__(self, f, offset, size, crc):
+        super().__init__()
+        self._f, self._start, self._pos = f, offset, 0
+        self.size, self.crc = size, crc
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self.size - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got
+        return got
+
+    def _extend(self, new_size):
+        if new_size > self.size:
+            self.crc = crc32_combine(self.crc, crc32_zeros(new_size - self.size), new_size - self.size)
+            self.size = new_size
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        k, p = len(data), self._pos
+        old_size = self.size
+        self._extend(p + k)
+        old = bytearray(k)
+        inside = max(0, min(k, old_size - p))
+        if inside:
+            self._f.seek(self._start + p)
+            self._f.readinto(memoryview(old)[:inside])
+        diff = np.bitwise_xor(np.frombuffer(old, np.uint8), np.frombuffer(data, np.uint8))
+        if diff.any():
+            after = self.size - p - k
+            c = crc32_combine(crc32_zeros(p), zlib.crc32(diff), k)
+            c = crc32_combine(c, crc32_zeros(after), after)
+            self.crc ^= c ^ crc32_zeros(self.size)
+        self._f.seek(self._start + p)
+        self._f.write(data)
+        self._pos += k
+        return k
+
+    def truncate(self, size=None):
+        size = self._pos if size is None else size
+        if size < self.size:
+            raise OSError("the HDF5 library shrank the weights member; cannot patch in place")
+        self._extend(size)
+        return size
+
+    def flush(self):
+        self._f.flush()
+
+
+class _PatchBase:
+    """Shared write/add_extra over an h5py file opened r+ on the clone."""
+
+    def _open(self, source):
+        self._h5 = h5py.File(source, "r+")
+
+    def write(self, name, array):
+        e = self.reader.entry(name)
+        path = self.reader._root[e.key].path
+        ds = self._h5[path]
+        arr = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        if tuple(ds.shape) != arr.shape or ds.dtype.itemsize != arr.dtype.itemsize:
+            raise WriteError(f"{self.target}: {name} changes shape or dtype; "
+                             "the in-place writer cannot store it")
+        if arr.dtype != ds.dtype:
+            arr = arr.view(ds.dtype)
+        ds.write_direct(arr) if arr.ndim else ds.__setitem__((), arr)
+
+    def copy_from(self, reader, name):
+        self.write(name, reader.read(name))
+
+    def add_extra(self, path, array):
+        if path in self._h5:
+            del self._h5[path]
+        self._h5.create_dataset(path, data=array)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+
+
+class PatchH5Writer(_PatchBase):
+    """Clone a single-file ``.weights.h5`` and patch the edited datasets in place."""
+
+    def __init__(self, reader, target):
+        self.reader, self.target = reader, Path(target)
+        self._tmp = atomic.temp_path(self.target)
+        try:
+            shutil.copyfile(reader.path, self._tmp)
+            shutil.copymode(reader.path, self._tmp)
+            self._open(self._tmp)
+        except BaseException:
+            atomic.discard(self._tmp)
+            raise
+
+    def finalize(self):
+        try:
+            self._h5.close()
+            atomic.commit(self._tmp, self.target)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(f"cannot write {self.target}: {exc}") from None
+        return self.target
+
+    def abort(self):
+        try:
+            self._h5.close()
+        except Exception:
+            pass
+        atomic.discard(self._tmp)
+
+
+def zip_patchable(reader) -> bool:
+    """True when the ``.keras`` weights member is stored and is the last member's data."""
+    members = reader.members
+    w = next((i for i in members if i.filename == WEIGHTS), None)
+    if w is None or w.compress_type != zipfile.ZIP_STORED:
+        return False
+    return all(i.header_offset < w.header_offset for i in members if i is not w)
+
+
+class PatchZipWriter(_PatchBase):
+    """Clone a ``.keras`` and patch its inner H5 in place (see the module docstring)."""
+
+    def __init__(self, reader, target):
+        self.reader, self.target = reader, Path(target)
+        self._replace = {}
+        self._tmp = atomic.temp_path(self.target)
+        try:
+            shutil.copyfile(reader.zip_path, self._tmp)
+            shutil.copymode(reader.zip_path, self._tmp)
+            self._file = open(self._tmp, "r+b")
+            self._winfo = next(i for i in reader.members if i.filename == WEIGHTS)
+            self._data = _data_offset(reader.zip_path, self._winfo)
+            # drop the old central directory: bytes past the member must read as zeros
+            self._file.truncate(self._data + self._winfo.file_size)
+            self._member = CrcTrackingFile(self._file, self._data, self._winfo.file_size, self._winfo.CRC)
+            self._open(self._member)
+        except BaseException:
+            atomic.discard(self._tmp)
+            raise
+
+    def set_member(self, member, data: bytes):
+        self._replace[member] = data
+
+    def finalize(self):
+        try:
+            self._h5.close()
+            self._file.flush()
+            self._patch_local_header()
+            self._write_directory()
+            self._file.close()
+            atomic.commit(self._tmp, self.target)
+        except (OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
+            self.abort()
+            raise WriteError(f"cannot write {self.target}: {exc}") from None
+        return self.target
+
+    def _patch_local_header(self):
+        w, m = self._winfo, self._member
+        f = self._file
+        f.seek(w.header_offset)
+        head = f.read(30)
+        n, extra_len = struct.unpack("<HH", head[26:30])
+        f.seek(w.header_offset + 30 + n)
+        extra = f.read(extra_len)
+        f.seek(w.header_offset + 14)
+        f.write(struct.pack("<L", m.crc))
+        sizes32 = struct.unpack("<LL", head[18:26])
+        if sizes32 == (0xFFFFFFFF, 0xFFFFFFFF):  # zip64: sizes live in the extra field
+            i = 0
+            while i + 4 <= len(extra):
+                hid, ln = struct.unpack("<HH", extra[i:i + 4])
+                if hid == 1:
+                    f.seek(w.header_offset + 30 + n + i + 4)
+                    f.write(struct.pack("<QQ", m.size, m.size))
+                    return
+                i += 4 + ln
+            raise ValueError("zip64 local header without its size field")
+        if m.size >= 0xFFFFFFFF:
+            raise ValueError("weights grew past 4 GB in a non-zip64 member")
+        f.write(struct.pack("<LL", m.size, m.size))
+
+    def _write_directory(self):
+        """Append replaced/new members after the weights and rewrite the central directory."""
+        import copy
+        f = self._file
+        end = self._data + self._member.size
+        f.truncate(end)
+        f.seek(0)
+        zf = zipfile.ZipFile(f, "w")
+        infos = [copy.copy(i) for i in self.reader.members]
+        for i in infos:
+            if i.filename == WEIGHTS:
+                i.CRC, i.compress_size, i.file_size = self._member.crc, self._member.size, self._member.size
+        zf.filelist = [i for i in infos if i.filename not in self._replace]
+        zf.NameToInfo = {i.filename: i for i in zf.filelist}
+        zf.start_dir = end
+        order = {i.filename: k for k, i in enumerate(infos)}
+        for member, data in self._replace.items():
+            old = next((i for i in infos if i.filename == member), None)
+            zinfo = zipfile.ZipInfo(member, old.date_time if old else (1980, 1, 1, 0, 0, 0))
+            if old is not None:
+                zinfo.compress_type, zinfo.external_attr = old.compress_type, old.external_attr
+            zf.writestr(zinfo, data)
+        zf.filelist.sort(key=lambda i: order.get(i.filename, len(order)))
+        zf.close()
+
+    def abort(self):
+        for closer in (getattr(self, "_h5", None), getattr(self, "_file", None)):
+            try:
+                closer.close()
+            except Exception:
+                pass
+        atomic.discard(self._tmp)
+
+
+def open_patch_writer(target, like):
+    """A clone-and-patch writer for ``like`` when its format allows it, else None."""
+    if like.format == "keras-weights-h5" and len(getattr(like, "_files", [])) == 1 \
+            and Path(target).resolve() != Path(like.path).resolve():
+        return PatchH5Writer(like, target)
+    if like.format == "keras" and zip_patchable(like) \
+            and Path(target).resolve() != Path(like.zip_path).resolve():
+        return PatchZipWriter(like, target)
+    return None
