@@ -6,6 +6,7 @@ place through a window onto the zip file -- nothing is extracted.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -288,10 +289,11 @@ class KerasZipWriter:
             for info in self.reader.members:
                 if info.filename == WEIGHTS:
                     continue
+                out = copy.copy(info)  # zipfile mutates it (header_offset); the reader's stays valid
                 if info.filename in self._replace:
-                    dst.writestr(info, self._replace[info.filename])
+                    dst.writestr(out, self._replace[info.filename])
                 else:
-                    with src.open(info) as r, dst.open(info, "w", force_zip64=info.file_size > 2**31) as w:
+                    with src.open(info) as r, dst.open(out, "w", force_zip64=info.file_size > 2**31) as w:
                         shutil.copyfileobj(r, w, 1 << 22)
         known = {i.filename for i in self.reader.members}
         for member, data in self._replace.items():
