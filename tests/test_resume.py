@@ -306,3 +306,18 @@ def test_cli_bad_data_spec(tmp_path):
 def test_cli_help_has_example():
     r = run_cli("resume", "--help")
     assert r.exit_code == 0 and "Example:" in r.output and "--reset-optimizer" in r.output
+
+
+def test_split_resume_through_format_conversion(tmp_path):
+    """k steps, ``surgeon convert`` to a legacy Keras .h5, resume N-k: same bits as N steps."""
+    pytest.importorskip("surgeon.cli_convert")
+    src = fixture("cnn_rmsprop.keras")
+    run(src, 4, tmp_path / "ck_{iteration}.keras", every=2)  # ck_5, ck_7
+    r = run_cli("convert", tmp_path / "ck_5.keras", tmp_path / "ck_5_legacy.h5")
+    assert r.exit_code == 0, r.output
+    rest = run(tmp_path / "ck_5_legacy.h5", 2, tmp_path / "rest.h5", model=src)
+    assert (rest.iteration_start, rest.iteration_end, rest.writer) == (5, 7, "surgeon")
+    a = tensors(tmp_path / "ck_7.keras")
+    b = tensors(tmp_path / "rest.h5", model=src)
+    assert_bit_identical({n: a[n] for n in b}, b)
+    assert set(a) == set(b)

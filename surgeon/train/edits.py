@@ -92,7 +92,7 @@ class Clip(Edit):
             new = tf.minimum(new, tf.cast(self.hi, w.dtype))
         if self.max_norm is not None:
             new = tf.clip_by_norm(new, self.max_norm)
-        return new, tf.not_equal(new, w), None
+        return new, (tf.not_equal(new, w) if self.slots != "keep" else None), None
 
 
 class Mask(Edit):
