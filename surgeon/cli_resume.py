@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -34,9 +35,10 @@ def _summary(res) -> str:
         lines.append(f"pruning masks honoured: {len(res.masks)} tensor(s)")
     for note in rep.get("notes", []):
         lines.append(f"note: {note}")
-    if res.output:
+    if res.checkpoints:
         how = "surgeon writer, same format as input" if res.writer == "surgeon" else "Keras saver"
-        lines.append(f"checkpoint: {res.output} ({how}; written {len(res.checkpoints)} time(s))")
+        lines.append(f"checkpoint: {res.checkpoints[-1]} ({how}; written {len(res.checkpoints)} "
+                     "time(s), atomically)")
     return "\n".join(lines)
 
 
@@ -87,14 +89,33 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
     from .train import resume
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    res = resume(checkpoint, data=data, steps=steps, output=output, model=model, every=every,
-                 seed=seed, batch_size=batch_size, allow_missing=allow_missing,
-                 reset_optimizer=reset_optimizer, strategy=strategy,
-                 on_step=_progress(steps, not as_json and steps > 0))
+    from .train import FitError
+    try:
+        res = resume(checkpoint, data=data, steps=steps, output=output, model=model,
+                     every=every, seed=seed, batch_size=batch_size, allow_missing=allow_missing,
+                     reset_optimizer=reset_optimizer, strategy=strategy,
+                     on_step=_progress(steps, not as_json and steps > 0))
+    except FitError as exc:
+        _report_misfit(exc.report, as_json)
+        sys.exit(2)
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1))
     else:
         click.echo(_summary(res))
+
+
+def _report_misfit(rep, as_json):
+    """Every problem on its own line (stderr), or the report as JSON; nothing was run."""
+    if as_json:
+        click.echo(json.dumps({"error": "checkpoint does not fit the model",
+                               "restore": rep.to_json()}, indent=1))
+    probs = rep.problems()
+    click.echo(f"surgeon: error: checkpoint does not fit the model: {len(probs)} problem(s); "
+               "no step was run, nothing was written", err=True)
+    for p in probs:
+        click.echo(f"  {p}", err=True)
+    click.echo("  (--allow-missing keeps fresh values for missing tensors and ignores extra "
+               "ones; --reset-optimizer starts the optimizer from zero)", err=True)
 
 
 def register(main):
