@@ -99,6 +99,7 @@ def bench(workdir: Path, surgeon: str, fmt: str, layer: str, repeat: int):
     recipe = recipe_file(workdir, layer)
     routes = {
         "cp": ["cp", src, workdir / f"cp{ext}"],
+        "cp + fsync": ["sh", "-c", f'cp "{src}" "{workdir / f"cpsync{ext}"}" && sync "{workdir / f"cpsync{ext}"}"'],
         "surgeon": [surgeon, "apply", recipe, "-i", src, "-o", workdir / f"surgeon{ext}",
                     "--no-progress"] + model_args,
         "surgeon (no input hash)": [surgeon, "apply", recipe, "-i", src, "-o",
@@ -118,11 +119,13 @@ def bench(workdir: Path, surgeon: str, fmt: str, layer: str, repeat: int):
     s, k, c = results["surgeon"], results["keras"], results["cp"]
     print(f"  keras / surgeon time     {k[0] / s[0]:7.1f}x   (goal >= 30x)")
     print(f"  surgeon / cp time        {s[0] / c[0]:7.2f}x   (goal <= 1.5x)")
+    print(f"  surgeon / (cp + fsync)   {s[0] / results['cp + fsync'][0]:7.2f}x   "
+          "(surgeon fsyncs before its atomic rename)")
     print(f"  surgeon peak RSS         {mb(s[1])} = largest tensor + {mb(s[1] - 16 * 2**20)}"
           f"   (keras: {k[1] / size:.1f}x the file)")
-    for name in results:
-        for p in workdir.glob(f"{name.split()[0]}*{ext}"):
-            p.unlink()
+    for p in list(workdir.glob(f"cp*{ext}")) + list(workdir.glob(f"surgeon*{ext}")) + \
+            list(workdir.glob(f"keras{ext}")):
+        p.unlink()
     return results
 
 

@@ -129,12 +129,15 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     from .errors import RecipeError
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
+    hasher = provenance.Hasher(hash_inputs and not dry_run)
     with open_input(recipe) as reader:
         ctx = PlanContext(recipe, reader, model_json_for(recipe))
         try:
             plan = make_plan(recipe, ctx)
             if dry_run:
                 return plan, None
+            for src in [recipe.input, *ctx.sources]:
+                hasher.start(src)
             if not plan.output:
                 raise RecipeError(f"{recipe.path}: the recipe names no output; pass -o OUT")
             out = Path(plan.output)
@@ -146,9 +149,10 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             with open_output(out, reader, plan, patch) as writer:
                 stats = run(plan, ctx, writer, progress)
                 history = provenance.read_log(recipe.input)
-                record = provenance.make_record(recipe, plan, inputs, __version__, hash_inputs)
+                record = provenance.make_record(recipe, plan, inputs, __version__, hasher)
                 provenance.embed(writer, reader.format, history + [record])
                 writer.finalize()
             return plan, stats
         finally:
+            hasher.close()
             ctx.close()

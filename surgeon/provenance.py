@@ -75,8 +75,36 @@ def read_log(path) -> list:
     return []
 
 
+class Hasher:
+    """Content hashes computed in background threads (hashing and file reads release the
+    GIL), so hashing a large input overlaps with cloning and editing it."""
+
+    def __init__(self, enabled=True):
+        from concurrent.futures import ThreadPoolExecutor
+        self.enabled = enabled
+        self._pool = ThreadPoolExecutor(max_workers=1) if enabled else None
+        self._jobs = {}
+
+    def start(self, path):
+        if self.enabled and str(path) not in self._jobs:
+            self._jobs[str(path)] = self._pool.submit(content_hash, path)
+
+    def get(self, path):
+        if not self.enabled:
+            return None
+        self.start(path)
+        return self._jobs[str(path)].result()
+
+    def close(self):
+        if self._pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def make_record(recipe, plan, inputs: dict, version: str, hash_inputs=True) -> dict:
-    """One log record: tool, recipe text and hash, inputs with content hashes, plan, time."""
+    """One log record: tool, recipe text and hash, inputs with content hashes, plan, time.
+
+    ``hash_inputs`` is a bool or a ``Hasher`` already working on the inputs."""
+    hasher = hash_inputs if isinstance(hash_inputs, Hasher) else None
     text = recipe.text or ""
     return {
         "tool": "surgeon", "version": version,
@@ -84,7 +112,7 @@ def make_record(recipe, plan, inputs: dict, version: str, hash_inputs=True) -> d
         "recipe": {"path": recipe.path, "sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "text": text},
         "inputs": [{"role": role, "path": str(p),
-                    "sha256": content_hash(p) if hash_inputs else None,
+                    "sha256": hasher.get(p) if hasher else (content_hash(p) if hash_inputs else None),
                     "history": read_log(p) if role != "input" else None}
                    for role, p in inputs.items()],
         "plan": plan.to_json(),
