@@ -127,7 +127,7 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
     \b
     Examples:
       surgeon transplant fixtures/cnn_adam.keras fixtures/recipe/cnn5_fresh.keras \\
-          -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn
+          -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn --iteration 3
       surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
     """
     from .recipe import Recipe, check_iteration, declare

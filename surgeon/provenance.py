@@ -64,7 +64,7 @@ def read_log(path) -> list:
             if MEMBER not in zf.namelist():
                 return []
             return json.loads(zf.read(MEMBER))
-    if fmt in ("keras-weights-h5", "keras-weights-sharded"):
+    if fmt in ("keras-weights-h5", "keras-weights-sharded", "legacy-h5"):
         import h5py
         first = checkpoint_files(path)[1 if fmt == "keras-weights-sharded" else 0]
         with h5py.File(first, "r") as f:

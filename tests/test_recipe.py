@@ -237,3 +237,23 @@ def test_ready_recipes_declare_default_outputs_under_out():
         rec = load_recipe(ROOT / "recipes" / name)
         assert rec.output.startswith("out/") and (ROOT / rec.input).exists(), name
         assert (ROOT / "recipes" / name).read_text().lstrip().startswith(('"""', "#"))
+
+
+def test_named_sources_and_set_override(tmp_path):
+    p = write(tmp_path, f"""\
+        from surgeon.recipe import recipe, transfer
+        RECIPE = recipe(
+            input={str(fixture('recipe/cnn5_fresh.keras'))!r},
+            output={str(tmp_path / 'o.keras')!r},
+            sources={{"pretrained": "missing.keras"}},
+            iteration="set 2",
+            ops=[transfer("pretrained", "conv*/*")],
+        )
+        """)
+    res = run_cli("apply", p)
+    assert res.exit_code == 2 and "r.py:7: op 'transfer': source: missing.keras: no such file" in res.output
+    res = run_cli("apply", p, "--set", f"sources.pretrained={CNN}")
+    assert res.exit_code == 0, res.output
+    out = read_all(tmp_path / "o.keras")
+    np.testing.assert_array_equal(out["conv2/kernel"], read_all(CNN)["conv2/kernel"])
+    assert int(out["optimizer/iteration"]) == 2
