@@ -1,12 +1,17 @@
 """Command-line interface: thin click commands over the library."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
 import click
 
 from .errors import SurgeonError
+
+# OSErrors that are the environment's answer, not a bug: one line, exit 2.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.EIO}
 
 
 class _Group(click.Group):
@@ -17,6 +22,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SurgeonError as exc:
             click.echo(f"surgeon: error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # the environment refused a write (disk full, read-only, ...)
+            if exc.errno not in _ENV_ERRNOS:
+                raise
+            target = exc.filename2 or exc.filename  # copy errors: filename2 is the destination
+            where = f"{target}: " if target else ""
+            click.echo(f"surgeon: error: {where}{exc.strerror}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("surgeon: interrupted; nothing was written", err=True)

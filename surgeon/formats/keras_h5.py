@@ -209,8 +209,14 @@ class KerasH5Writer:
         self.reader = reader
         self.targets = [Path(t) for t in targets]
         if files is None:
-            self._tmps = [atomic.temp_path(t) for t in self.targets]
-            self._out = [h5py.File(t, "w") for t in self._tmps]
+            self._tmps, self._out = [], []
+            try:
+                for t in self.targets:
+                    self._tmps.append(atomic.temp_path(t))
+                    self._out.append(h5py.File(self._tmps[-1], "w"))
+            except OSError as exc:
+                self.abort()
+                raise WriteError(f"cannot write {self.targets[0]}: {first_line(exc)}") from None
         else:  # write into open file objects (e.g. straight into a zip member)
             self._tmps = []
             self._out = [h5py.File(f, "w") for f in files]
@@ -224,13 +230,16 @@ class KerasH5Writer:
             del out[src.path]
         arr = np.asarray(array)
         bf16 = arr.dtype.name == "bfloat16"
-        # bfloat16 as Keras stores it (h5py opaque 2-byte type); a uint16 view breaks Keras' load
-        ds = out.create_dataset(src.path, data=arr)
-        for k, v in src.attrs.items():
-            if k != "dtype":
-                ds.attrs[k] = v
-        if bf16:
-            ds.attrs["dtype"] = "bfloat16"
+        try:
+            # bfloat16 as Keras stores it (h5py opaque 2-byte type); a uint16 view breaks Keras' load
+            ds = out.create_dataset(src.path, data=arr)
+            for k, v in src.attrs.items():
+                if k != "dtype":
+                    ds.attrs[k] = v
+            if bf16:
+                ds.attrs["dtype"] = "bfloat16"
+        except OSError as exc:  # disk full, quota, file size limit: the caller aborts
+            raise WriteError(f"cannot write {self.targets[0]}: {first_line(exc)}") from None
         self._written.add(e.key)
 
     def copy_from(self, reader, name):
@@ -277,7 +286,7 @@ class KerasH5Writer:
                 atomic.commit(tmp, target)
         except OSError as exc:
             self.abort()
-            raise WriteError(f"cannot write {self.targets[0]}: {exc}") from None
+            raise WriteError(f"cannot write {self.targets[0]}: {first_line(exc)}") from None
         return self.targets[0]
 
     def abort(self):

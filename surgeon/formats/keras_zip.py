@@ -214,7 +214,7 @@ class KerasZipWriter:
         self.target = Path(target)
         self._replace = {}
         self._tmp = atomic.temp_path(self.target)
-        self._file = open(self._tmp, "w+b")
+        self._file = open(self._tmp, "w+b")  # cannot fail: temp_path just created it
         try:
             self._zip = zipfile.ZipFile(self._file, "w")
             info = next(i for i in reader.members if i.filename == WEIGHTS)
@@ -226,11 +226,13 @@ class KerasZipWriter:
             self._data_start = self._file.tell()
             self._member = OffsetFile(self._file, self._data_start)
             self._h5 = KerasH5Writer(reader, [self.target], files=[self._member])
-        except BaseException:
+        except BaseException as exc:
             if getattr(self, "_zip", None) is not None:
                 self._zip.fp = None
             self._file.close()
             atomic.discard(self._tmp)
+            if isinstance(exc, OSError):
+                raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
             raise
 
     def write(self, name, array):
