@@ -143,6 +143,22 @@ class CrcTrackingFile(io.RawIOBase):
         self._f.flush()
 
 
+def clone_file(src, dst):
+    """Copy ``src`` to ``dst`` in the kernel: ``copy_file_range`` (a reflink on XFS/btrfs,
+    server-side on NFS), else ``sendfile`` via shutil; the mode bits follow."""
+    try:
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            left = os.fstat(fi.fileno()).st_size
+            while left > 0:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
+                if n == 0:
+                    raise OSError("copy_file_range made no progress")
+                left -= n
+    except (AttributeError, OSError):
+        shutil.copyfile(src, dst)
+    shutil.copymode(src, dst)
+
+
 class _PatchBase:
     """Shared write/add_extra over an h5py file opened r+ on the clone."""
 
@@ -184,8 +200,7 @@ class PatchH5Writer(_PatchBase):
         self.reader, self.target = reader, Path(target)
         self._tmp = atomic.temp_path(self.target)
         try:
-            shutil.copyfile(reader.path, self._tmp)
-            shutil.copymode(reader.path, self._tmp)
+            clone_file(reader.path, self._tmp)
             self._open(self._tmp)
         except BaseException:
             atomic.discard(self._tmp)
@@ -225,8 +240,7 @@ class PatchZipWriter(_PatchBase):
         self._replace = {}
         self._tmp = atomic.temp_path(self.target)
         try:
-            shutil.copyfile(reader.zip_path, self._tmp)
-            shutil.copymode(reader.zip_path, self._tmp)
+            clone_file(reader.zip_path, self._tmp)
             self._file = open(self._tmp, "r+b")
             self._winfo = next(i for i in reader.members if i.filename == WEIGHTS)
             self._data = _data_offset(reader.zip_path, self._winfo)
