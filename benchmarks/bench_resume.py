@@ -57,13 +57,15 @@ class Timer:
 
     def mark(self, i):
         if i == WARM:
-            self.t0 = time.perf_counter()
+            self.t0 = (time.perf_counter(), time.process_time())
         if i == self.total:
-            self.t1 = time.perf_counter()
+            self.t1 = (time.perf_counter(), time.process_time())
 
     @property
     def rate(self):
-        return (self.total - WARM) / (self.t1 - self.t0)
+        """(steps per wall second, steps per CPU second of this process)."""
+        n = self.total - WARM
+        return n / (self.t1[0] - self.t0[0]), n / (self.t1[1] - self.t0[1])
 
 
 def fit_rate(ckpt, data, steps, callbacks=()):
@@ -110,16 +112,18 @@ def main(argv=None):
         runs["loop"].append(loop_rate(ckpt, data, args.steps))
         runs["fit+cb"].append(fit_rate(ckpt, data, args.steps, [RecipeCallback(edit)]))
         runs["loop+edit"].append(loop_rate(ckpt, data, args.steps, edit))
-    med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"model: MLP 256-{args.width}x3-BN-10, Adam, batch {args.batch}, "
           f"{args.steps - WARM} timed steps after {WARM} warm-up, {args.reps} reps (median), "
           f"TF {tf.__version__}")
-    for k, v in med.items():
-        print(f"  {k:10s} {v:8.1f} steps/s   (runs: {', '.join(f'{x:.1f}' for x in runs[k])})")
-    print(f"resume loop / model.fit          = {med['loop'] / med['fit']:.3f}x  (target >= 0.95)")
-    print(f"RecipeCallback every step cost   = {100 * (1 - med['fit+cb'] / med['fit']):.1f}%  "
-          "(target <= 10%)")
-    print(f"in-loop edit every step cost     = {100 * (1 - med['loop+edit'] / med['loop']):.1f}%")
+    for j, unit in enumerate(("wall", "CPU")):
+        med = {k: statistics.median(r[j] for r in v) for k, v in runs.items()}
+        print(f"steps per {unit} second:")
+        for k, v in med.items():
+            print(f"  {k:10s} {v:8.1f}   (runs: {', '.join(f'{r[j]:.1f}' for r in runs[k])})")
+        print(f"  resume loop / model.fit        = {med['loop'] / med['fit']:.3f}x  (target >= 0.95)")
+        print(f"  RecipeCallback every step cost = {100 * (1 - med['fit+cb'] / med['fit']):.1f}%  "
+              "(target <= 10%)")
+        print(f"  in-loop edit every step cost   = {100 * (1 - med['loop+edit'] / med['loop']):.1f}%")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
