@@ -98,6 +98,11 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
     except FitError as exc:
         _report_misfit(exc.report, as_json)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        saved = getattr(exc, "surgeon_checkpoints", [])
+        last = f"last complete checkpoint: {saved[-1]}" if saved else "nothing was written"
+        click.echo(f"\nsurgeon: interrupted; {last}", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1))
     else:

@@ -321,3 +321,42 @@ def test_split_resume_through_format_conversion(tmp_path):
     b = tensors(tmp_path / "rest.h5", model=src)
     assert_bit_identical({n: a[n] for n in b}, b)
     assert set(a) == set(b)
+
+
+def test_cli_kill_leaves_last_checkpoint(tmp_path):
+    """A real SIGINT to a running ``surgeon resume``: the --every checkpoint stays intact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    slow = tmp_path / "slow_data.py"
+    slow.write_text(
+        "import time, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(DATA)!r})\n"
+        "import example_data\n"
+        "def data():\n"
+        "    import tensorflow as tf\n"
+        "    def wait(x, y):\n"
+        "        time.sleep(0.2)\n"
+        "        return x, y\n"
+        "    def slow(x, y):\n"
+        "        a, b = tf.numpy_function(wait, [x, y], [tf.float32, tf.int32])\n"
+        "        a.set_shape(x.shape)\n"
+        "        b.set_shape(y.shape)\n"
+        "        return a, b\n"
+        "    return example_data.cnn_data().map(slow)\n")
+    out = tmp_path / "out.keras"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    p = subprocess.Popen([sys.executable, "-m", "surgeon", "resume", str(fixture("cnn_adam.keras")),
+                          "--data", f"{slow}:data", "--steps", "1000", "--every", "2", "-o", str(out)],
+                         env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "surgeon: interrupted; last complete checkpoint: " in err
+    it = int(load_keras_model(out).optimizer.iterations.numpy())
+    assert it >= 5 and (it - 3) % 2 == 0
+    assert [q.name for q in tmp_path.iterdir() if q.name != "slow_data.py"] == ["out.keras"]

@@ -211,14 +211,18 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     iterator = iter(ds)
     t0 = time.perf_counter()
     loss = None
-    for i in range(steps):
-        edit = program is not None and program.due(start + i + 1)
-        loss = step_fn(iterator, edit)
-        if on_step is not None:
-            on_step(i + 1, steps, loss)
-        if every and (i + 1) % every == 0 and i + 1 < steps and output and write and chief:
-            result.checkpoints.append(str(ckpt.save(
-                reader, vm, kmodel, _target(output, start + i + 1), like)))
+    try:
+        for i in range(steps):
+            edit = program is not None and program.due(start + i + 1)
+            loss = step_fn(iterator, edit)
+            if on_step is not None:
+                on_step(i + 1, steps, loss)
+            if every and (i + 1) % every == 0 and i + 1 < steps and output and write and chief:
+                result.checkpoints.append(str(ckpt.save(
+                    reader, vm, kmodel, _target(output, start + i + 1), like)))
+    except KeyboardInterrupt as exc:  # the CLI names the last complete checkpoint
+        exc.surgeon_checkpoints = list(result.checkpoints)
+        raise
     result.seconds = time.perf_counter() - t0
     result.loss = float(loss) if loss is not None else None
     result.iteration_end = int(kmodel.optimizer.iterations.numpy())
