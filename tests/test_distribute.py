@@ -52,18 +52,6 @@ def assert_close(ref, got):
     assert int(got["optimizer/iteration"]) == 3 + STEPS
 
 
-def test_mirrored_two_logical_cpus(tmp_path, single_device):
-    report = tmp_path / "report.json"
-    p = subprocess.run([sys.executable, HERE, "mirrored", str(tmp_path), str(report)],
-                       env=_env(), capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rep = json.loads(report.read_text())
-    assert rep["replicas"] == 2
-    assert rep["restored_identical"] and rep["restored_checked"] == 30  # cnn: every var, both replicas
-    assert rep["trained_identical"]
-    assert_close(single_device, tensors(tmp_path / "lstm_mirrored.keras"))
-
-
 def _free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -74,37 +62,66 @@ def _free_ports(n):
     return ports
 
 
-def test_multiworker_two_processes(tmp_path, single_device):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Start the mirrored run and both workers at once (their TF start-up overlaps)."""
+    d = tmp_path_factory.mktemp("dist")
+    (d / "m").mkdir()
+    (d / "w").mkdir()
+    mirrored = subprocess.Popen([sys.executable, HERE, "mirrored", str(d / "m"), str(d / "m.json")],
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers, why = [], None
     try:
         ports = _free_ports(2)
     except OSError as exc:
-        pytest.skip(f"cannot bind local ports for the workers: {exc}")
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for i in range(2):
-        cfg = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(subprocess.Popen(
-            [sys.executable, HERE, "multiworker", str(tmp_path), str(tmp_path / f"w{i}.json")],
-            env=_env(TF_CONFIG=cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        why = f"cannot bind local ports for the workers: {exc}"
+    else:
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        for i in range(2):
+            cfg = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            workers.append(subprocess.Popen(
+                [sys.executable, HERE, "multiworker", str(d / "w"), str(d / f"w{i}.json")],
+                env=_env(TF_CONFIG=cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    yield d, mirrored, workers, why
+    for p in [mirrored] + workers:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_mirrored_two_logical_cpus(launched, single_device):
+    d, p, _, _ = launched
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    rep = json.loads((d / "m.json").read_text())
+    assert rep["replicas"] == 2
+    assert rep["restored_identical"] and rep["restored_checked"] == 30  # cnn: every var, both replicas
+    assert rep["trained_identical"]
+    assert_close(single_device, tensors(d / "m" / "lstm_mirrored.keras"))
+
+
+def test_multiworker_two_processes(launched, single_device):
+    d, _, procs, why = launched
+    if why:
+        pytest.skip(why)
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=180))
+            outs.append(p.communicate(timeout=240))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.skip("multi-worker run did not finish within 180 s (environment too slow or "
+        pytest.skip("multi-worker run did not finish within 240 s (environment too slow or "
                     "collectives blocked on 127.0.0.1)")
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0 and ("Address already in use" in err or "Failed to bind" in err):
             pytest.skip(f"worker could not bind its port: {err.strip().splitlines()[-1]}")
         assert p.returncode == 0, err[-3000:]
-    w0, w1 = (json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2))
+    w0, w1 = (json.loads((d / f"w{i}.json").read_text()) for i in range(2))
     assert w0["replicas"] == w1["replicas"] == 2
     assert w0["chief"] and not w1["chief"]
     assert w0["loss"] == pytest.approx(w1["loss"], rel=1e-6)
-    assert [p.name for p in tmp_path.glob("*.keras")] == ["lstm_multiworker.keras"]  # chief only
-    assert_close(single_device, tensors(tmp_path / "lstm_multiworker.keras"))
+    assert [p.name for p in (d / "w").glob("*.keras")] == ["lstm_multiworker.keras"]  # chief only
+    assert_close(single_device, tensors(d / "w" / "lstm_multiworker.keras"))
 
 
 # -- subprocess entry points ---------------------------------------------------------------
