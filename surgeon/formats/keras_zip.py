@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -77,14 +78,26 @@ def _open_zip(path) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise FormatError(f"{path}: not a valid .keras archive (truncated or corrupt zip): {exc}") from None
     for info in zf.infolist():
-        name = info.filename
-        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        problem = _unsafe_member(info)
+        if problem:
             zf.close()
-            raise FormatError(f"{path}: unsafe member name {name!r} in .keras archive")
-        if info.compress_size and info.file_size > MAX_RATIO * info.compress_size + 1_000_000:
-            zf.close()
-            raise FormatError(f"{path}: member {name!r} has an absurd compression ratio")
+            raise FormatError(f"{path}: {problem} in .keras archive")
     return zf
+
+
+def _unsafe_member(info: zipfile.ZipInfo):
+    """Why a member must not be trusted (path traversal, symlink, zip bomb), or None."""
+    name = info.filename
+    if (name.startswith("/") or ".." in Path(name).parts or "\\" in name or "\0" in name
+            or (len(name) > 1 and name[1] == ":")):
+        return f"unsafe member name {name!r}"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return f"member {name!r} is a symbolic link"
+    if (info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > MAX_RATIO * max(info.compress_size, 1) + 1_000_000):
+        return (f"member {name!r} has an absurd compression ratio "
+                f"({info.file_size} bytes from {info.compress_size})")
+    return None
 
 
 def read_zip_json(path, member) -> dict:
