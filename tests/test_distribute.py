@@ -26,8 +26,9 @@ STEPS = 4
 
 
 def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep +
-               os.path.join(ROOT, "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "recipes"),
+         os.environ.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
 
@@ -96,6 +97,8 @@ def test_mirrored_two_logical_cpus(launched, single_device):
     assert rep["replicas"] == 2
     assert rep["restored_identical"] and rep["restored_checked"] == 30  # cnn: every var, both replicas
     assert rep["trained_identical"]
+    assert rep["masked_zero_on_replicas"]
+    assert rep["callback_replicas"] == 2 and rep["callback_zero_on_replicas"]
     assert_close(single_device, tensors(d / "m" / "lstm_mirrored.keras"))
 
 
@@ -130,9 +133,13 @@ def _mirrored(outdir, report):
     from surgeon.train.distribute import logical_cpus, replica_values
     logical_cpus(2)
     from surgeon.train import resume
+    from surgeon.train.distribute import make_strategy
+    # one strategy for the whole process: two MirroredStrategy objects reuse collective
+    # instance keys and their all-reduces collide ("Shape mismatch in the collective")
+    strategy = make_strategy("mirrored")
     out = {}
     res = resume(str(fixture("cnn_adam.keras")), data=f"{DATA}:cnn_data", steps=0,
-                 strategy="mirrored", write=False)
+                 strategy=strategy, write=False)
     model = res.model
     with open_checkpoint(fixture("cnn_adam.keras")) as ck:
         want = {e.name: ck.read(e.name) for e in ck.entries()}
@@ -146,10 +153,33 @@ def _mirrored(outdir, report):
         checked += 1
     out.update(replicas=res.replicas, restored_identical=bool(same), restored_checked=checked)
     res = resume(str(fixture("lstm_adam.keras")), data=f"{DATA}:lstm_data", steps=STEPS,
-                 output=os.path.join(outdir, "lstm_mirrored.keras"), strategy="mirrored")
+                 output=os.path.join(outdir, "lstm_mirrored.keras"), strategy=strategy)
     vm = map_model(res.model)
     out["trained_identical"] = all(
         np.array_equal(*replica_values(v)) for v in {**vm.model, **vm.optimizer}.values())
+    # masks and a RecipeCallback under the strategy: every replica sees the same edit
+    with open_checkpoint(fixture("cnn_adam.keras")) as ck:
+        k = ck.read("conv2/kernel")
+    keep = np.abs(k) > np.median(np.abs(k))
+    res = resume(str(fixture("cnn_adam.keras")), data=f"{DATA}:cnn_data", steps=2,
+                 strategy=strategy, write=False, masks={"conv2/kernel": keep})
+    vm = map_model(res.model)
+    masked = [vm.model["conv2/kernel"]] + list(vm.slots["conv2/kernel"].values())
+    out["masked_zero_on_replicas"] = all(
+        not np.any(v[~keep]) for var in masked for v in replica_values(var))
+    import keras
+    from surgeon.keras import RecipeCallback
+    from surgeon.train.edits import Zero
+    with strategy.scope():
+        model = keras.saving.load_model(str(fixture("cnn_adam.keras")))
+    import example_data
+    model.fit(example_data.cnn_data().take(2), verbose=0, shuffle=False,
+              callbacks=[RecipeCallback([Zero(select="head/bias")])])
+    vm = map_model(model)
+    out["callback_replicas"] = len(replica_values(vm.model["head/bias"]))
+    out["callback_zero_on_replicas"] = all(
+        not np.any(v) for var in [vm.model["head/bias"], *vm.slots["head/bias"].values()]
+        for v in replica_values(var))
     with open(report, "w") as f:
         json.dump(out, f)
 

@@ -12,7 +12,10 @@ from ..errors import SurgeonError
 
 
 def make_strategy(name: str):
-    """``"default"``, ``"mirrored"`` or ``"multiworker"`` (configured by ``TF_CONFIG``)."""
+    """``"default"``, ``"mirrored"`` or ``"multiworker"`` (configured by ``TF_CONFIG``).
+
+    Make one per process and reuse it: two MirroredStrategy objects in one process reuse
+    collective instance keys, and their all-reduces collide."""
     import tensorflow as tf
     if name in ("default", "none", ""):
         return tf.distribute.get_strategy()
