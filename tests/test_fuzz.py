@@ -30,8 +30,9 @@ from conftest import FIXTURES, fixture
 
 CASE_TIMEOUT = 30.0  # seconds; generous because the CI machine is shared
 SCALE = int(os.environ.get("SURGEON_FUZZ_SCALE", "1"))  # e.g. 20 for a deep nightly run
-CASES = {k: v * SCALE for k, v in {"keras": 320, "weights": 320, "sharded": 200,
-                                   "truncated": 200}.items()}
+CASES = {k: v * SCALE for k, v in {"keras": 300, "weights": 300, "sharded": 160,
+                                   "truncated": 160, "legacy": 160}.items()}
+TF_CASES = 120 * SCALE  # TF bundles: one worker process (TensorFlow is not fork-safe)
 # No shrinking: a failing mutation is already small, and shrinking can take minutes.
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -39,6 +40,8 @@ FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_bl
 KERAS = ["cnn_adam.keras", "lstm_adam.keras", "nested_adamw.keras", "cnn_rmsprop.keras"]
 WEIGHTS = ["cnn_adam.weights.h5", "lstm_adam.weights.h5", "nested_adagrad.weights.h5",
            "cnn_sgdm.weights.h5"]
+LEGACY = ["legacy/k20_mlp_adam.h5", "legacy/k22_lstm_adam.h5", "legacy/k3_cnn_adam.h5",
+          "legacy/tfk_cnn_adam.h5", "legacy/k20_weights_only.h5"]
 SHARDED = ["cnn_adam_sharded.weights.json"] + [
     f"cnn_adam_sharded_{i:05d}.weights.h5" for i in range(5)]
 
@@ -167,7 +170,7 @@ def originals():
     """name -> {tensor: array} read from the unmodified fixtures (the expected values)."""
     import surgeon
     out = {}
-    for name in KERAS + WEIGHTS + SHARDED[:1]:
+    for name in KERAS + WEIGHTS + SHARDED[:1] + LEGACY:
         model = _model_for(name)
         with surgeon.open_checkpoint(fixture(name), model=model) as ck:
             out[name] = {e.name: ck.read(e.name) for e in ck.entries()}
@@ -228,6 +231,14 @@ def test_fuzz_sharded(tmp_path_factory, which, mutation):
     shutil.rmtree(tmp)
 
 
+@settings(FUZZ, max_examples=CASES["legacy"])
+@given(name=st.sampled_from(LEGACY), mutation=_mutation())
+def test_fuzz_legacy_h5(tmp_path_factory, name, mutation):
+    tmp = tmp_path_factory.mktemp("fz")
+    _fuzz_one(tmp, name, mutation, expected=originals()[name])
+    shutil.rmtree(tmp)
+
+
 @settings(FUZZ, max_examples=CASES["truncated"])
 @given(name=st.sampled_from(KERAS + WEIGHTS), cut=st.floats(0, 1, exclude_max=True))
 def test_fuzz_truncated(tmp_path_factory, name, cut):
@@ -280,4 +291,69 @@ def test_harness_reports_crashes_and_hangs():
 
 def test_case_count():
     """>= 1,000 fuzz cases per run."""
-    assert sum(CASES.values()) >= 1000, CASES
+    assert sum(CASES.values()) + TF_CASES >= 1000, CASES
+
+
+# -- TF bundles: TensorFlow in one worker process ----------------------------------------------
+TF_WORKER = r"""
+import os, random, shutil, sys, traceback
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np
+import surgeon
+src_dirs, work, n, seed = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+counts = {"ok": 0, "surgeon": 0}
+for i in range(n):
+    src = rng.choice(src_dirs)
+    case = os.path.join(work, f"c{i}")
+    shutil.copytree(src, case)
+    files = sorted(f for f in os.listdir(case) if f != "checkpoint")
+    victim = os.path.join(case, rng.choice(files))
+    data = bytearray(open(victim, "rb").read())
+    kind = rng.choice(["flip", "truncate", "zero", "ones"])
+    if kind == "truncate":
+        del data[rng.randrange(len(data) + 1):]
+    elif data:
+        for _ in range(rng.randint(1, 8)):
+            p = rng.randrange(len(data))
+            data[p] = {"flip": rng.randrange(256), "zero": 0, "ones": 255}[kind]
+    open(victim, "wb").write(bytes(data))
+    desc = f"case {i}: {src} {os.path.basename(victim)} {kind}"
+    print(desc, flush=True)
+    try:
+        with surgeon.open_checkpoint(case) as ck:
+            for e in ck.entries():
+                a = ck.read(e.name)
+                assert tuple(a.shape) == tuple(e.shape), (e.name, a.shape, e.shape)
+        counts["ok"] += 1
+    except surgeon.SurgeonError as exc:
+        msg = str(exc)
+        if not msg.strip() or chr(10) in msg:
+            print(f"FAIL {desc}: not one line: {msg!r}", flush=True)
+            sys.exit(1)
+        counts["surgeon"] += 1
+    except BaseException:
+        print(f"FAIL {desc}: " + traceback.format_exc(), flush=True)
+        sys.exit(1)
+    shutil.rmtree(case)
+print("DONE", counts, flush=True)
+"""
+
+
+def test_fuzz_tf_bundles(tmp_path):
+    """Mutated/truncated TF checkpoint bundles (index and data files). Needs TensorFlow."""
+    pytest.importorskip("tensorflow")
+    import random
+    import subprocess
+    import sys
+    dirs = [str(FIXTURES / "tf" / d) for d in ("tf1_adam", "keras3_cnn_adam", "v1opt_adam")]
+    dirs = [d for d in dirs if os.path.isdir(d)]
+    if not dirs:
+        pytest.skip("no TF bundle fixtures (fixtures/make_tf_fixtures.py)")
+    seed = random.randrange(2**31)
+    r = subprocess.run([sys.executable, "-c", TF_WORKER, ",".join(dirs), str(tmp_path),
+                        str(TF_CASES), str(seed)], capture_output=True, text=True,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=60 + 5 * TF_CASES)
+    tail = r.stdout.strip().splitlines()[-30:]
+    assert r.returncode == 0 and tail and tail[-1].startswith("DONE"), \
+        f"seed {seed}, exit {r.returncode}:\n" + "\n".join(tail) + "\n" + r.stderr[-1500:]

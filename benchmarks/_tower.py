@@ -1,0 +1,54 @@
+"""Shared by bench_ls.py and bench_scaling.py: generate a Dense tower with Adam state, and
+measure a command in a fresh child (wall time, peak RSS via wait4)."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+PY = sys.executable
+WIDTH = 2048
+LAYER_BYTES = 3 * 4 * (WIDTH * WIDTH + WIDTH)  # kernel + bias, with Adam momentum + velocity
+
+
+def tower(workdir: Path, size_mb: int) -> Path:
+    """``tower_<size>mb.keras`` and ``.weights.h5`` of ~size_mb each (Keras-written, cached)."""
+    layers = max(1, round(size_mb * 2**20 / LAYER_BYTES))
+    stem = workdir / f"tower_{size_mb}mb"
+    keras_path, h5 = stem.with_suffix(".keras"), Path(str(stem) + ".weights.h5")
+    if keras_path.exists() and h5.exists():
+        return stem
+    code = textwrap.dedent(f"""\
+        import os
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import keras
+        keras.utils.set_random_seed(0)
+        inp = keras.Input(shape=({WIDTH},), name="x")
+        x = inp
+        for i in range({layers}):
+            x = keras.layers.Dense({WIDTH}, name=f"dense_{{i}}")(x)
+        model = keras.Model(inp, x, name="tower")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(1000)
+        model.save(r"{keras_path}")
+        model.save_weights(r"{h5}")
+        """)
+    subprocess.run([PY, "-c", code], check=True, stderr=subprocess.DEVNULL)
+    return stem
+
+
+def measure(cmd, env=None):
+    """(seconds, peak RSS bytes, returncode, stdout) of ``cmd`` run in a fresh child."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t, usage.ru_maxrss * 1024, proc.returncode, out
+
+
+def mb(n):
+    return f"{n / 2**20:,.0f} MB"

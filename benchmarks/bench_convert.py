@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Benchmark: ``surgeon convert`` legacy H5 -> .keras vs the Keras route (load legacy, save).
+
+Generates a Dense(2048) tower with Adam state and writes it with Keras' legacy H5 writer
+(``model.save("x.h5")``, ~--size-mb), then in fresh child processes (wall time, peak RSS):
+
+  surgeon  surgeon convert x.h5 y.keras
+  keras    keras.saving.load_model("x.h5"); model.save("y.keras")
+
+    python benchmarks/bench_convert.py                  # ~256 MB
+    python benchmarks/bench_convert.py --size-mb 1024
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tower import LAYER_BYTES, PY, WIDTH, measure, mb  # noqa: E402
+
+KERAS_ROUTE = """\
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras
+model = keras.saving.load_model(sys.argv[1])
+model.save(sys.argv[2])
+"""
+
+
+def legacy_tower(work: Path, size_mb: int) -> Path:
+    layers = max(1, round(size_mb * 2**20 / LAYER_BYTES))
+    path = work / f"tower_{size_mb}mb_legacy.h5"
+    if path.exists():
+        return path
+    code = textwrap.dedent(f"""\
+        import os
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import keras, numpy as np
+        keras.utils.set_random_seed(0)
+        inp = keras.Input(shape=({WIDTH},), name="x")
+        x = inp
+        for i in range({layers}):
+            x = keras.layers.Dense({WIDTH}, name=f"dense_{{i}}")(x)
+        model = keras.Model(inp, x, name="tower")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        d = np.zeros((2, {WIDTH}), "float32")
+        model.fit(d, d, epochs=1, verbose=0)
+        model.save(r"{path}")
+        """)
+    subprocess.run([PY, "-c", code], check=True, stderr=subprocess.DEVNULL)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--workdir", default=None, help="keep generated files here (reused)")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = legacy_tower(work, args.size_mb)
+    surgeon = shutil.which("surgeon") or str(Path(PY).parent / "surgeon")
+    routes = {"surgeon convert": [surgeon, "convert", src, work / "surgeon.keras"],
+              "keras load + save": [PY, "-c", KERAS_ROUTE, src, work / "keras.keras"]}
+    res = {}
+    for name, cmd in routes.items():
+        secs, rss, rc, _ = measure(cmd)
+        if rc != 0:
+            raise SystemExit(f"failed ({rc}): {' '.join(map(str, cmd))}")
+        res[name] = secs, rss
+    print(f"\nbench_convert: {src.name} {mb(src.stat().st_size)} (legacy H5, Adam state) -> .keras")
+    print("| route | wall s | peak RSS |\n|---|---:|---:|")
+    for name, (secs, rss) in res.items():
+        print(f"| {name} | {secs:.2f} | {mb(rss)} |")
+    s, k = res["surgeon convert"], res["keras load + save"]
+    print(f"\nkeras / surgeon: {k[0] / s[0]:.2f}x time, {k[1] / s[1]:.2f}x peak RSS "
+          "(both import TensorFlow: surgeon convert builds the target skeleton with Keras)")
+    for p in ("surgeon.keras", "keras.keras"):
+        (work / p).unlink(missing_ok=True)
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
