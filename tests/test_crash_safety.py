@@ -293,3 +293,25 @@ def test_output_equal_to_input_is_refused(tower, tmp_path):
         assert "output is the input" in line, line
         assert sha(src) == before
     assert temps(tmp_path) == []
+
+
+@pytest.mark.xfail(strict=False, reason="surgeon/formats/keras_patch.py (PatchZipWriter/PatchH5Writer) "
+                   "lets the OSError of shutil.copyfile escape on a full disk instead of a "
+                   "WriteError; the CLI now prints it as one line, the library API does not")
+def test_library_apply_raises_write_error_on_full_disk(tower, tmp_path):
+    import dataclasses
+    from surgeon.errors import WriteError
+    from surgeon.execute import apply
+    from surgeon.recipe.loader import load_recipe
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "size=4m"):
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        rec = load_recipe(tower / "recipe.toml")
+        rec = dataclasses.replace(rec, input=str(tower / "tower.keras"),
+                                  output=str(small / "out.keras"))
+        with pytest.raises(WriteError):
+            apply(rec, hash_inputs=False)
+        assert temps(small) == []
+    finally:
+        _umount(small)
