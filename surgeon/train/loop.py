@@ -89,16 +89,14 @@ def _strategy(strategy):
 def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
              seed, edits, edit_every, masks):
     import keras
-    from .. import open_checkpoint
-    from . import build, mapping, masks as masks_mod, restore
+    from . import mapping, masks as masks_mod, restore
     from .edits import EditProgram, as_edits
 
-    reader = open_checkpoint(checkpoint, model=_reader_model(checkpoint, model))
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    reader, kmodel = _open(checkpoint, model, strategy, custom_objects)
     try:
-        if seed is not None:
-            keras.utils.set_random_seed(int(seed))
         with strategy.scope():
-            kmodel = build.build_model(reader, model, custom_objects)
             vm = mapping.map_model(kmodel)
             rep = restore.restore(reader, vm, kmodel.optimizer, allow_missing, reset_optimizer)
             mask_arrays = masks_mod.read_masks(reader) if masks is not False else {}
@@ -112,6 +110,34 @@ def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_o
         reader.close()
         raise
     return reader, kmodel, vm, rep, mset, program
+
+
+def _open(checkpoint, model, strategy, custom_objects):
+    """(reader, compiled model). A ``module:function`` model is built first, so that a
+    bare weights file is bound with that model's own config (exact slot binding)."""
+    import json
+    import os
+    import tempfile
+    import keras
+    from .. import open_checkpoint
+    from . import build
+    if model is None or str(checkpoint).endswith(".keras") or _reader_model(checkpoint, model):
+        reader = open_checkpoint(checkpoint, model=_reader_model(checkpoint, model))
+        try:
+            with strategy.scope():
+                return reader, build.build_model(reader, model, custom_objects)
+        except BaseException:
+            reader.close()
+            raise
+    with strategy.scope():
+        kmodel = build.build_model(None, model, custom_objects)
+    fd, cfg = tempfile.mkstemp(prefix="surgeon-model-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(keras.saving.serialize_keras_object(kmodel), f)
+        return open_checkpoint(checkpoint, model=cfg), kmodel
+    finally:
+        os.unlink(cfg)
 
 
 def _reader_model(checkpoint, model):
