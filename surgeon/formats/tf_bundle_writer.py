@@ -146,10 +146,10 @@ class BundleWriter:
             src = os.path.join(folder, f)
             _fsync(src)
             os.replace(src, self.target + f[len(base):])
-        keep = {self.target + f[len(base):] for f in data}
+        keep = {os.path.abspath(self.target + f[len(base):]) for f in data}
         for stale in Path(os.path.dirname(os.path.abspath(self.target))).glob(
                 os.path.basename(self.target) + ".data-*"):
-            if str(stale) not in keep and os.path.abspath(str(stale)) not in keep:
+            if os.path.abspath(str(stale)) not in keep:
                 stale.unlink()
         shutil.rmtree(self._tmp, ignore_errors=True)
         return self.target + ".index"
