@@ -1,7 +1,35 @@
-"""surgeon: offline weight surgery on TensorFlow/Keras checkpoints, optimizer state included."""
+"""surgeon: offline weight surgery on TensorFlow/Keras checkpoints, optimizer state included.
+
+Public API (TensorFlow is imported only by the functions that need it):
+
+- ``open_checkpoint(path, model=None)`` / ``open_writer(target, like)``: the canonical tree.
+- ``load_recipe(path)`` and ``apply(recipe, dry_run=False)``: declarative edits.
+- ``diff_checkpoints(a_reader, b_reader, ...)`` and ``audit_checkpoint(reader)``: what changed,
+  is it healthy.
+- ``convert_checkpoint(src, dst, like=None, optimizer="keep")``: between formats, optimizer
+  state included.
+- ``resume(checkpoint, data=..., steps=..., output=...)``: optimizer-consistent training.
+"""
 from .errors import SurgeonError
-from .formats import open_checkpoint, open_writer, detect
+from .formats import detect, open_checkpoint, open_writer
 from .tree import Entry, OptimizerInfo
 
 __version__ = "0.1.0"
-__all__ = ["open_checkpoint", "open_writer", "detect", "Entry", "OptimizerInfo", "SurgeonError"]
+__all__ = ["open_checkpoint", "open_writer", "detect", "Entry", "OptimizerInfo", "SurgeonError",
+           "load_recipe", "apply", "diff_checkpoints", "audit_checkpoint", "convert_checkpoint", "resume"]
+
+# public name -> (module, attribute); module names differ from function names on purpose
+# (``surgeon.audit`` is a submodule, so the function is ``audit_checkpoint``).
+_LAZY = {"load_recipe": ("recipe.loader", "load_recipe"), "apply": ("execute", "apply"),
+         "diff_checkpoints": ("diff", "diff_checkpoints"),
+         "audit_checkpoint": ("audit", "audit_checkpoint"),
+         "convert_checkpoint": ("convert", "convert"), "resume": ("train", "resume")}
+
+
+def __getattr__(name):
+    """Import the heavier entry points on first use (``surgeon.resume`` pulls in TensorFlow)."""
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"surgeon.{module}"), attr)
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -40,3 +40,14 @@ def test_legacy_h5_and_its_converted_keras_diff_equal(tmp_path):
     statuses = {t["status"] for t in report["tensors"]}
     assert statuses == {"equal"}
     assert any(t["name"].startswith("optimizer/") for t in report["tensors"])
+
+
+def test_public_api_is_lazy():
+    code = ("import sys, surgeon\n"
+            "fns = [getattr(surgeon, n) for n in ('load_recipe', 'apply', 'diff_checkpoints',"
+            " 'audit_checkpoint', 'convert_checkpoint')]\n"
+            "assert all(callable(f) for f in fns)\n"
+            "assert 'tensorflow' not in sys.modules\n"
+            "assert callable(surgeon.resume)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
