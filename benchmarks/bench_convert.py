@@ -46,7 +46,8 @@ def legacy_tower(work: Path, size_mb: int) -> Path:
         for i in range({layers}):
             x = keras.layers.Dense({WIDTH}, name=f"dense_{{i}}")(x)
         model = keras.Model(inp, x, name="tower")
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        # a loss object: Keras 3 cannot reload a legacy H5 compiled with the string "mse"
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.MeanSquaredError())
         d = np.zeros((2, {WIDTH}), "float32")
         model.fit(d, d, epochs=1, verbose=0)
         model.save(r"{path}")

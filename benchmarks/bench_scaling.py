@@ -29,7 +29,7 @@ slots = "follow"
 """
 
 
-def run(work, size, fmt, surgeon):
+def run(work, size, fmt, surgeon, repeat):
     stem = tower(work, size)
     kfile = stem.with_suffix(".keras")
     src = kfile if fmt == "keras" else Path(str(stem) + ".weights.h5")
@@ -40,13 +40,25 @@ def run(work, size, fmt, surgeon):
     extra = [] if fmt == "keras" else ["--model", kfile]
     cmd = [surgeon, "apply", recipe, "-i", src, "-o", out, "--no-progress", "--no-hash-inputs",
            *extra]
-    secs, rss, rc, _ = measure(cmd)
-    if rc != 0:
-        raise SystemExit(f"failed ({rc}): {' '.join(map(str, cmd))}")
+    runs = [measure(cmd) for _ in range(repeat)]
+    if any(r[2] != 0 for r in runs):
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}")
+    secs, rss = min(r[0] for r in runs), max(r[1] for r in runs)
     out.unlink()
     cp_secs = min(measure(["cp", src, work / f"cp{ext}"])[0] for _ in range(2))
     (work / f"cp{ext}").unlink()
     return src.stat().st_size, secs, rss, cp_secs
+
+
+def _fit(x, y):
+    """Least-squares line y = a + b x; returns b, a and R^2."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / max(sum((xi - mx) ** 2 for xi in x), 1e-12)
+    a = my - b * mx
+    ss_res = sum((yi - (a + b * xi)) ** 2 for xi, yi in zip(x, y))
+    ss_tot = sum((yi - my) ** 2 for yi in y) or 1e-12
+    return b, a, 1 - ss_res / ss_tot
 
 
 def main(argv=None):
@@ -55,25 +67,28 @@ def main(argv=None):
     ap.add_argument("--formats", default="keras,weights-h5")
     ap.add_argument("--workdir", default=None, help="keep generated files here (reused)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per size (min time is kept)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scaling_"))
     work.mkdir(parents=True, exist_ok=True)
     surgeon = shutil.which("surgeon") or str(Path(PY).parent / "surgeon")
     sizes = [int(s) for s in args.sizes.split(",")]
     for fmt in args.formats.split(","):
-        rows = [run(work, s, fmt, surgeon) for s in sizes]
+        rows = [run(work, s, fmt, surgeon, args.repeat) for s in sizes]
         print(f"\nbench_scaling [{fmt}]: surgeon apply, rescale every param (slots follow)")
         print("| file | surgeon s | s per GB | peak RSS | cp s | surgeon / cp |")
         print("|---:|---:|---:|---:|---:|---:|")
         for size, secs, rss, cp in rows:
             print(f"| {mb(size)} | {secs:.2f} | {secs / (size / 2**30):.2f} | {mb(rss)} | "
                   f"{cp:.2f} | {secs / cp:.1f}x |")
-        per_gb = [r[1] / (r[0] / 2**30) for r in rows]
+        gb = [r[0] / 2**30 for r in rows]
+        secs = [r[1] for r in rows]
+        slope, icpt, r2 = _fit(gb, secs)
         rss = [r[2] for r in rows]
-        print(f"time per GB: {min(per_gb):.2f}-{max(per_gb):.2f} s "
-              f"(max/min {max(per_gb) / min(per_gb):.2f}; 1.0 = perfectly linear); "
+        print(f"least-squares fit: time = {icpt:.2f} s + {slope:.2f} s/GB x size, R^2 = {r2:.3f} "
+              f"(1 = linear); "
               f"peak RSS {mb(min(rss))}-{mb(max(rss))} while the file grows "
-              f"{rows[-1][0] / rows[0][0]:.0f}x (largest tensor 16 MB)")
+              f"{rows[-1][0] / rows[0][0]:.0f}x (flat: bounded by the largest tensor, 16 MB)")
     if not (args.workdir or args.keep):
         shutil.rmtree(work)
 
