@@ -207,12 +207,7 @@ def test_sigkill_during_convert(tower, tmp_path, ext):
         assert got.keys() == expected.keys()
         for k, v in expected.items():
             np.testing.assert_array_equal(got[k], v, err_msg=k)
-    left = temps(out_dir)
-    if left and ext == ".ckpt":
-        pytest.xfail(f"stale temp dirs of killed runs are not removed by the bundle writer: {left} "
-                     "(surgeon/formats/tf_bundle_writer.py uses tempfile.mkdtemp without the pid; "
-                     "use surgeon.atomic.temp_dir() and atomic.clean_stale())")
-    assert left == []
+    assert temps(out_dir) == []
 
 
 # -- disk full, read-only output, output == input -----------------------------------------
@@ -295,9 +290,6 @@ def test_output_equal_to_input_is_refused(tower, tmp_path):
     assert temps(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=False, reason="surgeon/formats/keras_patch.py (PatchZipWriter/PatchH5Writer) "
-                   "lets the OSError of shutil.copyfile escape on a full disk instead of a "
-                   "WriteError; the CLI now prints it as one line, the library API does not")
 def test_library_apply_raises_write_error_on_full_disk(tower, tmp_path):
     import dataclasses
     from surgeon.errors import WriteError

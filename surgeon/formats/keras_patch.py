@@ -202,6 +202,9 @@ class PatchH5Writer(_PatchBase):
         try:
             clone_file(reader.path, self._tmp)
             self._open(self._tmp)
+        except OSError as exc:
+            atomic.discard(self._tmp)
+            raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
         except BaseException:
             atomic.discard(self._tmp)
             raise
@@ -248,6 +251,9 @@ class PatchZipWriter(_PatchBase):
             self._file.truncate(self._data + self._winfo.file_size)
             self._member = CrcTrackingFile(self._file, self._data, self._winfo.file_size, self._winfo.CRC)
             self._open(self._member)
+        except OSError as exc:
+            atomic.discard(self._tmp)
+            raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
         except BaseException:
             atomic.discard(self._tmp)
             raise

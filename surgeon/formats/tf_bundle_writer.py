@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..errors import SurgeonError, WriteError
 from .tf_bundle import _one_line, _tf
 
@@ -45,8 +45,9 @@ class BundleWriter:
             else os.path.dirname(os.path.abspath(target.rstrip("/")))
         if not os.path.isdir(parent):
             raise SurgeonError(f"{target}: output directory {parent} does not exist")
-        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target.rstrip('/')) or 'ckpt'}.",
-                                     suffix=".surgeon-tmp", dir=parent)
+        # Named like every surgeon temp (host-pid), so the next successful write of the same
+        # target removes what a killed run left behind.
+        self._tmp = str(atomic.temp_dir(Path(os.path.abspath(target.rstrip("/")))))
         self._parts, self._pending, self._pending_bytes = [], {}, 0
         self._written = set()
         self._done = False
@@ -152,6 +153,7 @@ class BundleWriter:
             if os.path.abspath(str(stale)) not in keep:
                 stale.unlink()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        atomic.clean_stale(Path(os.path.abspath(self.target)))
         return self.target + ".index"
 
     def _place_dir(self, out):
@@ -164,6 +166,7 @@ class BundleWriter:
             os.replace(target, old)
         os.replace(out, target)
         shutil.rmtree(self._tmp, ignore_errors=True)
+        atomic.clean_stale(Path(os.path.abspath(target)))
         return target
 
     def abort(self):
