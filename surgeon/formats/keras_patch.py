@@ -10,7 +10,6 @@ and the central directory is rewritten. Same protocol as the other writers.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import struct
@@ -23,6 +22,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import WriteError
+from .window import Window
 from .keras_zip import WEIGHTS, _data_offset
 
 # -- CRC-32 algebra (zlib's crc32_combine, which Python's zlib does not expose) ----------
@@ -73,38 +73,16 @@ def crc32_zeros(n):
     return crc
 
 
-class CrcTrackingFile(io.RawIOBase):
+class CrcTrackingFile(Window):
     """A growable read-write window onto a zip member that keeps the member's CRC-32
     current by looking only at the bytes each write changes."""
 
     def __init__(self, f, offset, size, crc):
-        super().__init__()
-        self._f, self._start, self._pos = f, offset, 0
-        self.size, self.crc = size, crc
-
-    def readable(self):
-        return True
+        super().__init__(f, offset, size)
+        self.crc = crc
 
     def writable(self):
         return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos, 2: self.size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf):
-        n = max(0, min(len(buf), self.size - self._pos))
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buf)[:n])
-        self._pos += got
-        return got
 
     def _extend(self, new_size):
         if new_size > self.size:
@@ -138,9 +116,6 @@ class CrcTrackingFile(io.RawIOBase):
             raise OSError("the HDF5 library shrank the weights member; cannot patch in place")
         self._extend(size)
         return size
-
-    def flush(self):
-        self._f.flush()
 
 
 def clone_file(src, dst):

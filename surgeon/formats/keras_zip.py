@@ -7,7 +7,6 @@ place through a window onto the zip file -- nothing is extracted.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import shutil
@@ -20,40 +19,18 @@ from pathlib import Path
 
 from ..errors import FormatError, SurgeonError, WriteError
 from .. import atomic
+from .window import Window, WritableWindow
 from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5
 
 WEIGHTS = "model.weights.h5"
 MAX_RATIO = 200  # reject members that expand more than this (zip bombs)
 
 
-class MemberFile(io.RawIOBase):
-    """Read-only, seekable window onto an uncompressed zip member."""
+class MemberFile(Window):
+    """Read-only, seekable window onto an uncompressed zip member (owns its file handle)."""
 
     def __init__(self, path, offset, size):
-        super().__init__()
-        self._f = open(path, "rb")
-        self._start, self._size, self._pos = offset, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf):
-        n = max(0, min(len(buf), self._size - self._pos))
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buf)[:n])
-        self._pos += got
-        return got
+        super().__init__(open(path, "rb"), offset, size)
 
     def close(self):
         self._f.close()
@@ -162,57 +139,7 @@ class KerasZipReader(KerasH5Reader):
             self._tmpdir = None
 
 
-class OffsetFile(io.RawIOBase):
-    """Read-write, seekable window starting at ``offset`` of an open file (growable)."""
-
-    def __init__(self, f, offset):
-        super().__init__()
-        self._f, self._start, self._pos = f, offset, 0
-
-    def readable(self):
-        return True
-
-    def writable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        if whence == 2:
-            self._f.seek(0, 2)
-            base = self._f.tell() - self._start
-        else:
-            base = {0: 0, 1: self._pos}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf):
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(buf)
-        self._pos += got
-        return got
-
-    def write(self, data):
-        self._f.seek(self._start + self._pos)
-        n = self._f.write(data)
-        self._pos += n
-        return n
-
-    def truncate(self, size=None):
-        size = self._pos if size is None else size
-        self._f.truncate(self._start + size)
-        return size
-
-    def flush(self):
-        self._f.flush()
-
-    def close(self):  # the underlying file stays open (the zip is still being written)
-        super().close()
-
+OffsetFile = WritableWindow  # the inner H5 written straight into the zip member
 
 class KerasZipWriter:
     """Writes a ``.keras`` like the reader's, with some tensors (or the config) replaced.
