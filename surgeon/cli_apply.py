@@ -25,6 +25,10 @@ def _progress_printer(enabled):
 def plan_text(plan) -> str:
     """Human-readable plan: one line per step, slots and iteration, reports, warnings."""
     lines = [f"plan: {plan.input} [{plan.format}] -> {plan.output or '(no output)'}"]
+    for st in plan.structural:  # whole-model rewrites, run before the tensor steps
+        first, *more = st["text"].splitlines()
+        lines.append(f"  {first}  [{st['where']}]")
+        lines.extend(f"  {line}" for line in more)
     for s in plan.steps:
         src = f" <- {s.source}" if s.source else ""
         shape = "x".join(map(str, s.shape)) or "scalar"
@@ -172,6 +176,9 @@ def log_cmd(checkpoint, as_json):
             click.echo(f"#{i} {rec['time']} surgeon {rec['version']}  recipe {rec['recipe']['path']} "
                        f"(sha256 {rec['recipe']['sha256'][:12]})")
             click.echo(f"   inputs: {ins}")
+            for st in plan.get("structural", []):
+                args = ", ".join(f"{k}={v}" for k, v in st.get("params", {}).items() if not k.startswith("_"))
+                click.echo(f"   {st['op']}({args})")
             ops = {}
             for s in plan["steps"]:
                 ops[s["op"]] = ops.get(s["op"], 0) + 1

@@ -108,7 +108,8 @@ def open_output(out, reader, plan, patch=True):
     return open_writer(out, like=reader)
 
 
-def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False, patch=True):
+def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False, patch=True,
+          origin=None, structural=()):
     """Plan ``recipe`` and (unless ``dry_run``) write its output, with provenance embedded.
 
     Args:
@@ -118,6 +119,10 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         hash_inputs: record sha256 content hashes of the inputs in the provenance.
         make_dirs: create the output's parent directory when missing.
         patch: allow the clone-and-patch writer (False: always rebuild the file).
+        origin: the checkpoint the recipe started from, when structural ops staged an
+            intermediate model as ``recipe.input`` (provenance names and hashes the origin).
+        structural: the structural plans already run to make that intermediate (recorded
+            in the plan and its provenance).
     Returns:
         ``(plan, stats)``; ``stats`` is None for a dry run.
     Example:
@@ -129,26 +134,41 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     from .errors import RecipeError
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
+    from .structure import recipe_ops
+    rewrites, rest = recipe_ops.split(recipe)
+    if rewrites:
+        # Whole-model rewrites first (into a private temp dir), then the tensor ops on the result.
+        import dataclasses
+        with recipe_ops.Workdir() as work:
+            current, splans = recipe_ops.run(recipe.input, rewrites, work)
+            staged = dataclasses.replace(recipe, input=current, ops=tuple(rest))
+            plan, stats = apply(staged, dry_run, progress, hash_inputs, make_dirs, patch,
+                                origin=recipe.input, structural=splans)
+        plan.input = recipe.input
+        return plan, stats
+
     hasher = provenance.Hasher(hash_inputs and not dry_run)
     with open_input(recipe) as reader:
         ctx = PlanContext(recipe, reader, model_json_for(recipe))
         try:
             plan = make_plan(recipe, ctx)
+            plan.structural = list(structural)
             if dry_run:
                 return plan, None
-            for src in [recipe.input, *ctx.sources]:
+            first = origin or recipe.input
+            for src in [first, *ctx.sources]:
                 hasher.start(src)
             if not plan.output:
                 raise RecipeError(f"{recipe.path}: the recipe names no output; pass -o OUT")
             out = Path(plan.output)
             if make_dirs:
                 out.parent.mkdir(parents=True, exist_ok=True)
-            inputs = {"input": recipe.input} | {f"source:{p}": p for p in ctx.sources}
+            inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
             if out.exists() and out.resolve() == Path(reader.path).resolve():
                 raise RecipeError(f"{out}: output is the input; choose another output path")
             with open_output(out, reader, plan, patch) as writer:
                 stats = run(plan, ctx, writer, progress)
-                history = provenance.read_log(recipe.input)
+                history = provenance.read_log(first)
                 record = provenance.make_record(recipe, plan, inputs, __version__, hasher)
                 provenance.embed(writer, reader.format, history + [record])
                 writer.finalize()

@@ -31,10 +31,12 @@ class Plan:
     reports: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     recipe: str = ""
+    structural: list = field(default_factory=list)  # whole-model rewrites run before the steps
 
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "input": self.input, "output": self.output,
-                "format": self.format, "steps": [s.to_json() for s in self.steps],
+                "format": self.format, "structural": [s["plan"] | {"where": s["where"]} for s in self.structural],
+                "steps": [s.to_json() for s in self.steps],
                 "iteration": self.iteration, "reports": self.reports, "warnings": self.warnings}
 
 

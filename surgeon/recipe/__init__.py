@@ -27,7 +27,7 @@ from .schema import OpSpec, Recipe, Selector, check_iteration, make_selector
 
 __all__ = ["recipe", "select", "op", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
            "cast", "mask", "transfer", "transplant", "rename", "delete", "load_recipe",
-           "apply_overrides", "Recipe", "OpSpec", "Selector"]
+           "apply_overrides", "Recipe", "OpSpec", "Selector", "widen", "deepen", "delete_channels", "prune_channels", "insert_layer", "delete_layer", "replace_layer"]
 
 
 def recipe(input=None, output=None, ops=(), *, iteration="keep", model=None, sources=None):
@@ -81,6 +81,23 @@ cast = _op("cast")
 mask = _op("mask")
 rename = _op("rename")
 delete = _op("delete")
+
+
+def _structural(name):
+    def fn(**params):
+        return declare(name, params, caller_where(1))
+    fn.__name__ = name
+    fn.__doc__ = f"Structural op {name!r} (see ``surgeon.structure.plan_{name}``); runs first."
+    return fn
+
+
+widen = _structural("widen")
+deepen = _structural("deepen")
+delete_channels = _structural("delete_channels")
+prune_channels = _structural("prune_channels")
+insert_layer = _structural("insert_layer")
+delete_layer = _structural("delete_layer")
+replace_layer = _structural("replace_layer")
 
 
 def transfer(source, select="*", **params):

@@ -16,6 +16,9 @@ def caller_where(depth: int) -> Where:
 def declare(op_name: str, params: dict, where: Where) -> OpSpec:
     """A validated, frozen OpSpec (defaults filled in, select parsed)."""
     from ..ops import registry
+    from ..structure import recipe_ops
+    if op_name in recipe_ops.NAMES:
+        return recipe_ops.declare(op_name, params, where)
     op = registry.get(op_name, where)
     full = op.validate_params(params, where)
     full["select"] = make_selector(full["select"], where, op_name)
