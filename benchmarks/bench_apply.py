@@ -15,7 +15,6 @@ and prints the ratios. Usage:
     python benchmarks/bench_apply.py --size-mb 1024   # ~1 GB (as in issue 4)
 """
 import argparse
-import os
 import shutil
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import FormatError, SurgeonError, WriteError
 from .. import atomic
 from . import keras_layout
-from .h5tree import DS, Node, check_dataset, snapshot
+from .h5tree import Node, check_dataset, snapshot
 
 
 # What h5py/numpy raise on a damaged file; turned into one-line FormatErrors at the edge.

@@ -12,7 +12,6 @@ layer ``conv2d_1`` -> ``conv2d_1/kernel``; an LSTM's weights get the Keras 3 cel
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 

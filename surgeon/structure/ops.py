@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SurgeonError
 from ..formats import open_checkpoint
-from .channels import PRODUCERS, ChannelEdit, supported_kinds
+from .channels import PRODUCERS, ChannelEdit
 from .graph import Graph
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction
 
