@@ -12,24 +12,31 @@ WIDTH = 2048
 LAYER_BYTES = 3 * 4 * (WIDTH * WIDTH + WIDTH)  # kernel + bias, with Adam momentum + velocity
 
 
-def tower(workdir: Path, size_mb: int) -> Path:
-    """``tower_<size>mb.keras`` and ``.weights.h5`` of ~size_mb each (Keras-written, cached)."""
+def model_code(size_mb: int, loss: str) -> str:
+    """Python source that builds and compiles the ~size_mb Dense tower as ``model``
+    (Adam, ``loss`` given as a Python expression)."""
     layers = max(1, round(size_mb * 2**20 / LAYER_BYTES))
-    stem = workdir / f"tower_{size_mb}mb"
-    keras_path, h5 = stem.with_suffix(".keras"), Path(str(stem) + ".weights.h5")
-    if keras_path.exists() and h5.exists():
-        return stem
-    code = textwrap.dedent(f"""\
+    return textwrap.dedent(f"""\
         import os
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        import keras
+        import keras, numpy as np
         keras.utils.set_random_seed(0)
         inp = keras.Input(shape=({WIDTH},), name="x")
         x = inp
         for i in range({layers}):
             x = keras.layers.Dense({WIDTH}, name=f"dense_{{i}}")(x)
         model = keras.Model(inp, x, name="tower")
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss={loss})
+        """)
+
+
+def tower(workdir: Path, size_mb: int) -> Path:
+    """``tower_<size>mb.keras`` and ``.weights.h5`` of ~size_mb each (Keras-written, cached)."""
+    stem = workdir / f"tower_{size_mb}mb"
+    keras_path, h5 = stem.with_suffix(".keras"), Path(str(stem) + ".weights.h5")
+    if keras_path.exists() and h5.exists():
+        return stem
+    code = model_code(size_mb, '"mse"') + textwrap.dedent(f"""\
         model.optimizer.build(model.trainable_variables)
         model.optimizer.iterations.assign(1000)
         model.save(r"{keras_path}")

@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tower import LAYER_BYTES, PY, WIDTH, measure, mb  # noqa: E402
+from _tower import PY, WIDTH, measure, mb, model_code  # noqa: E402
 
 KERAS_ROUTE = """\
 import os, sys
@@ -32,22 +32,11 @@ model.save(sys.argv[2])
 
 
 def legacy_tower(work: Path, size_mb: int) -> Path:
-    layers = max(1, round(size_mb * 2**20 / LAYER_BYTES))
     path = work / f"tower_{size_mb}mb_legacy.h5"
     if path.exists():
         return path
-    code = textwrap.dedent(f"""\
-        import os
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        import keras, numpy as np
-        keras.utils.set_random_seed(0)
-        inp = keras.Input(shape=({WIDTH},), name="x")
-        x = inp
-        for i in range({layers}):
-            x = keras.layers.Dense({WIDTH}, name=f"dense_{{i}}")(x)
-        model = keras.Model(inp, x, name="tower")
-        # a loss object: Keras 3 cannot reload a legacy H5 compiled with the string "mse"
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.MeanSquaredError())
+    # a loss object: Keras 3 cannot reload a legacy H5 compiled with the string "mse"
+    code = model_code(size_mb, "keras.losses.MeanSquaredError()") + textwrap.dedent(f"""\
         d = np.zeros((2, {WIDTH}), "float32")
         model.fit(d, d, epochs=1, verbose=0)
         model.save(r"{path}")

@@ -140,6 +140,18 @@ class _PatchBase:
     def _open(self, source):
         self._h5 = h5py.File(source, "r+")
 
+    def _begin(self, setup):
+        """Run ``setup`` (clone the input, open the clone); on failure remove the temp file
+        and, for environment errors (disk full, read-only), raise a one-line WriteError."""
+        try:
+            setup()
+        except OSError as exc:
+            atomic.discard(self._tmp)
+            raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+        except BaseException:
+            atomic.discard(self._tmp)
+            raise
+
     def write(self, name, array):
         e = self.reader.entry(name)
         path = self.reader._root[e.key].path
@@ -174,15 +186,7 @@ class PatchH5Writer(_PatchBase):
     def __init__(self, reader, target):
         self.reader, self.target = reader, Path(target)
         self._tmp = atomic.temp_path(self.target)
-        try:
-            clone_file(reader.path, self._tmp)
-            self._open(self._tmp)
-        except OSError as exc:
-            atomic.discard(self._tmp)
-            raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
-        except BaseException:
-            atomic.discard(self._tmp)
-            raise
+        self._begin(lambda: (clone_file(reader.path, self._tmp), self._open(self._tmp)))
 
     def finalize(self):
         try:
@@ -217,21 +221,17 @@ class PatchZipWriter(_PatchBase):
         self.reader, self.target = reader, Path(target)
         self._replace = {}
         self._tmp = atomic.temp_path(self.target)
-        try:
-            clone_file(reader.zip_path, self._tmp)
-            self._file = open(self._tmp, "r+b")
-            self._winfo = next(i for i in reader.members if i.filename == WEIGHTS)
-            self._data = _data_offset(reader.zip_path, self._winfo)
-            # drop the old central directory: bytes past the member must read as zeros
-            self._file.truncate(self._data + self._winfo.file_size)
-            self._member = CrcTrackingFile(self._file, self._data, self._winfo.file_size, self._winfo.CRC)
-            self._open(self._member)
-        except OSError as exc:
-            atomic.discard(self._tmp)
-            raise WriteError(f"cannot write {self.target}: {exc.strerror or exc}") from None
-        except BaseException:
-            atomic.discard(self._tmp)
-            raise
+        self._begin(self._setup)
+
+    def _setup(self):
+        clone_file(self.reader.zip_path, self._tmp)
+        self._file = open(self._tmp, "r+b")
+        self._winfo = next(i for i in self.reader.members if i.filename == WEIGHTS)
+        self._data = _data_offset(self.reader.zip_path, self._winfo)
+        # drop the old central directory: bytes past the member must read as zeros
+        self._file.truncate(self._data + self._winfo.file_size)
+        self._member = CrcTrackingFile(self._file, self._data, self._winfo.file_size, self._winfo.CRC)
+        self._open(self._member)
 
     def set_member(self, member, data: bytes):
         self._replace[member] = data
