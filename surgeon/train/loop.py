@@ -8,6 +8,7 @@ and in-training edits run in the same compiled function, in cross-replica contex
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,7 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     iterator = iter(ds)
     t0 = time.perf_counter()
     loss = None
+    pending = None  # a save in progress: complete once its atomic rename has happened
     try:
         for i in range(steps):
             edit = program is not None and program.due(start + i + 1)
@@ -244,10 +246,13 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
             if on_step is not None:
                 on_step(i + 1, steps, loss)
             if every and (i + 1) % every == 0 and i + 1 < steps and output and write and chief:
-                result.checkpoints.append(str(ckpt.save(
-                    reader, vm, kmodel, _target(output, start + i + 1), like)))
+                pending = _target(output, start + i + 1)
+                result.checkpoints.append(str(ckpt.save(reader, vm, kmodel, pending, like)))
+                pending = None
     except KeyboardInterrupt as exc:  # the CLI names the last complete checkpoint
         exc.surgeon_checkpoints = list(result.checkpoints)
+        if pending is not None and os.path.exists(pending):  # interrupted after the rename
+            exc.surgeon_checkpoints.append(str(pending))
         raise
     result.seconds = time.perf_counter() - t0
     result.loss = float(loss) if loss is not None else None
