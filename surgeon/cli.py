@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 
 import click
 
+from ._tf import VERBOSE_ENV
 from .errors import SurgeonError
 
 # OSErrors that are the environment's answer, not a bug: one line, exit 2.
@@ -37,13 +39,17 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgeon")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's own start-up and log lines (hidden by default).")
+def main(verbose):
     """surgeon: weight surgery on TensorFlow/Keras checkpoints, optimizer state included.
 
     \b
     Example:
       surgeon ls fixtures/cnn_adam.keras
     """
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 @main.command("ls")

@@ -2,6 +2,7 @@
 insert-layer, delete-layer, replace-layer (thin wrappers over ``surgeon.structure``)."""
 from __future__ import annotations
 
+import functools
 import json
 
 import click
@@ -11,7 +12,18 @@ from .errors import SurgeonError
 _SLOTS = click.Choice(["follow", "reset"])
 
 
+def _output_checked_first(f):
+    """``-o`` is checked before planning, which may load TensorFlow (seconds)."""
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        if not kwargs.get("dry_run") and not kwargs.get("output"):
+            raise SurgeonError("-o/--output is required (or pass --dry-run)")
+        return f(*args, **kwargs)
+    return command
+
+
 def _common(f):
+    f = _output_checked_first(f)
     f = click.option("--json", "as_json", is_flag=True,
                      help="Print the plan (and the result) as one JSON object.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)

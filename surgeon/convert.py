@@ -22,6 +22,10 @@ from .errors import SurgeonError
 from .formats import open_checkpoint, open_writer
 from .tree import slot_name
 
+NO_CONFIG = ("{label}: holds no model config; pass --like MODEL.keras or --like "
+             "module:function (or --model for a .weights.h5)")
+# Formats whose reader needs TensorFlow and never holds a model config of its own.
+TF_FORMATS_WITHOUT_CONFIG = ("tf-checkpoint", "saved-model")
 TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
            ".hdf5": "legacy-h5"}
 
@@ -170,8 +174,7 @@ def _source_model(src, like, label):
     if config is None and getattr(src, "model_json", None):
         config = src.model_json
     if not config:
-        raise SurgeonError(f"{label}: holds no model config; pass --like MODEL.keras or "
-                           "--like module:function (or --model for a .weights.h5)")
+        raise SurgeonError(NO_CONFIG.format(label=label))
     keys = ("class_name", "config", "module", "registered_name")
     model, notes = sk.model_from_config({k: config[k] for k in keys if k in config}, label)
     return (model, config.get("compile_config")), notes
@@ -223,6 +226,16 @@ def _fill(src, skel, dst, report):
         w.finalize()
 
 
+def _check_before_tensorflow(src_path, like, model):
+    """Mistakes found without TensorFlow are reported before it loads (seconds)."""
+    from .convert_skeleton import check_like
+    from .formats import detect
+    if like is not None:
+        check_like(like)
+    elif model is None and detect(src_path) in TF_FORMATS_WITHOUT_CONFIG:
+        raise SurgeonError(NO_CONFIG.format(label=src_path))
+
+
 def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, model=None):
     """Convert ``src_path`` to ``dst`` (format from the extension), optimizer state included.
 
@@ -246,6 +259,7 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     dst = Path(dst)
     if not dst.parent.exists():
         raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    _check_before_tensorflow(src_path, like, model)
     report = ConvertReport(str(src_path), str(dst), fmt)
     tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
     try:

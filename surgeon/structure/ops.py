@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._tf import import_keras
 from ..errors import SurgeonError
 from ..formats import open_checkpoint
 from .channels import PRODUCERS, ChannelEdit
@@ -218,7 +219,7 @@ def _layer_item(spec, name, path):
 
 
 def _check_class(item):
-    import keras
+    keras = import_keras()
     if not hasattr(keras.layers, item["class_name"]):
         raise SurgeonError(f"unknown Keras layer class {item['class_name']!r}")
 
