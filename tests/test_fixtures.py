@@ -8,6 +8,7 @@ Bitwise equality is checked where it is promised: the versions and machine finge
 the manifest records.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,18 +20,25 @@ from conftest import FIXTURES, ROOT
 sys.path.insert(0, str(FIXTURES))
 import make_fixtures  # noqa: E402
 
-# Across CPUs: a relative 1e-3, or an absolute 2e-3 (a fifth of one step's change at the
-# fixtures' learning rate 0.01; Adam turns round-off-sized gradients, e.g. of a conv bias
-# feeding BatchNorm, into updates up to about lr * |m| / epsilon).
-TOLERANCE = (1e-3, 2e-3)
+# Across CPUs: relative 1e-3 or absolute 5e-3 (half of one Adam step at the fixtures'
+# learning rate 0.01). Calibrated by regenerating with oneDNN's kernels instead of Eigen's
+# on one machine (TF_ENABLE_ONEDNN_OPTS=1): 160 float tensors differ bitwise, all by less
+# than 2e-5 beyond rtol except cnn_adam's conv1 bias (1.1e-3): its true gradient is zero
+# (BatchNorm follows), so Adam turns round-off into updates of about lr * |m| / epsilon.
+TOLERANCE = (1e-3, 5e-3)
+
+
+def _regenerate(out, **env):
+    return subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **env))
 
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
     """(committed copies, regenerated dir, regenerated manifest)."""
     out = tmp_path_factory.mktemp("regen")
-    p = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    p = _regenerate(out)
     assert p.returncode == 0, p.stderr[-2000:]
     produced = sorted(f.name for f in out.iterdir() if f.suffix in (".h5", ".keras", ".json"))
     assert len(produced) >= 20
@@ -56,6 +64,21 @@ def test_fixtures_regenerate_bitwise_on_the_recorded_setup(regenerated):
                     f"with ({setup}); this is {here}; structure and values are checked "
                     "within tolerance by the test above")
     assert make_fixtures.compare_outputs(str(committed), str(out)) == []
+
+
+def test_other_kernels_differ_bitwise_but_stay_within_tolerance(tmp_path, regenerated):
+    """Another CPU, simulated here: oneDNN's kernels instead of Eigen's (different summation
+    order and vectorisation). The bitwise check rejects it, the tolerance check accepts it."""
+    committed, _, _ = regenerated
+    p = _regenerate(tmp_path, TF_ENABLE_ONEDNN_OPTS="1")
+    if p.returncode < 0:
+        pytest.skip(f"oneDNN kernels crash on this CPU (signal {-p.returncode}): see README "
+                    "Troubleshooting")
+    assert p.returncode == 0, p.stderr[-2000:]
+    if not json.loads((tmp_path / "manifest.json").read_text())["machine"]["onednn"]:
+        pytest.skip("this TensorFlow build has no oneDNN kernels to compare with")
+    assert make_fixtures.compare_outputs(str(committed), str(tmp_path)) != []
+    assert make_fixtures.compare_outputs(str(committed), str(tmp_path), tolerance=TOLERANCE) == []
 
 
 def test_the_tolerance_check_catches_a_changed_fixture(tmp_path, regenerated):

@@ -176,7 +176,8 @@ EARLY = [
       "--steps", "1", "-o", FIXTURES / "cnn_adam.keras"], "output is the input"),
     (["insert-layer", FIXTURES / "structure" / "mlp_adam.keras", "--after", "fc1",
       "--layer-json", '"Dropout"', "--name", "d"], "-o/--output is required"),
-    (["deepen", FIXTURES / "structure" / "convbn_sgdm.keras", "--after", "relu1"],
+    (["replace-layer", FIXTURES / "structure" / "mlp_adam.keras", "--layer", "fc2",
+      "--layer-json", '{"class_name": "Dense", "config": {"units": 8}}'],
      "-o/--output is required"),
 ]
 
