@@ -59,7 +59,10 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
       surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
     """
     from . import diff, report
+    from .formats import detect
     chunk_bytes = _size(chunk)
+    for path in checkpoints:  # all found before one is opened (a TF checkpoint loads TF)
+        detect(path)
     if series:
         from .diff_series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)

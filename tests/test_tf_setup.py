@@ -174,6 +174,7 @@ EARLY = [
       "--steps", "1", "-o", "{tmp}/nodir/out.keras"], "does not exist"),
     (["resume", FIXTURES / "cnn_adam.keras", "--data", "recipes/example_data.py:cnn_data",
       "--steps", "1", "-o", FIXTURES / "cnn_adam.keras"], "output is the input"),
+    (["diff", FIXTURES / "tf" / "keras3_cnn_adam", "{tmp}/missing.keras"], "no such file"),
     (["insert-layer", FIXTURES / "structure" / "mlp_adam.keras", "--after", "fc1",
       "--layer-json", '"Dropout"', "--name", "d"], "-o/--output is required"),
     (["replace-layer", FIXTURES / "structure" / "mlp_adam.keras", "--layer", "fc2",
