@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import COMBOS, FIXTURES, fixture, realworld, run_cli
-from surgeon.audit import CODES, audit_path
+from surgeon.inspect.audit import CODES, audit_path
 
 AUDIT = FIXTURES / "audit"
 MODEL = fixture("cnn_adam.keras")

@@ -55,7 +55,7 @@ def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
       surgeon convert fixtures/cnn_adam.weights.h5 out.keras --model fixtures/cnn_adam.keras
       surgeon convert old.h5 new.keras --like mypkg.models:build --allow-missing --json
     """
-    from .convert import convert
+    from surgeon.convert import convert
 
     report = convert(src, dst, like=like, optimizer=optimizer, allow_missing=allow_missing,
                      model=model)

@@ -1,4 +1,5 @@
-"""CLI commands ``surgeon diff`` and ``surgeon audit`` (thin wrappers over surgeon.diff/audit)."""
+"""CLI commands ``surgeon ls``, ``surgeon diff`` and ``surgeon audit`` (thin wrappers over
+surgeon.inspect: render, diff, series, audit, report)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import sys
 
 import click
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def _size(text):
@@ -16,6 +17,34 @@ def _size(text):
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except (ValueError, IndexError):
         raise SurgeonError(f"--chunk {text!r}: expected a size like 8M, 512K or 1G") from None
+
+
+@click.command("ls")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="For a bare .weights.h5: the .keras file or config.json it belongs to "
+                   "(gives the trainable order needed to bind optimizer slots).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
+def ls_cmd(checkpoint, model, as_json):
+    """List a checkpoint's tensors: layers, weights, optimizer slots, totals.
+
+    Reads no tensor data (only the iteration counter) and never imports TensorFlow for
+    H5-based formats.
+
+    \b
+    Examples:
+      surgeon ls fixtures/cnn_adam.keras
+      surgeon ls fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
+    """
+    from surgeon.formats import open_checkpoint
+    from surgeon.inspect.render import ls_json, ls_text
+
+    with open_checkpoint(checkpoint, model=model) as ck:
+        meta, entries = ck.metadata(), ck.entries()
+    if as_json:
+        click.echo(json.dumps(ls_json(meta, entries), indent=1))
+    else:
+        click.echo(ls_text(meta, entries))
 
 
 @click.command("diff")
@@ -58,10 +87,10 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
       surgeon diff a.keras b.keras --markdown --plot change.png
       surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
     """
-    from . import diff, report
+    from surgeon.inspect import diff, report
     chunk_bytes = _size(chunk)
     if series:
-        from .diff_series import diff_series
+        from surgeon.inspect.series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
         if plot:
             report.plot_series(res, plot)
@@ -109,7 +138,7 @@ def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, c
       surgeon audit fixtures/cnn_adam.keras
       surgeon audit fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
     """
-    from . import audit, report
+    from surgeon.inspect import audit, report
     res = audit.audit_path(checkpoint, model=model, chunk_bytes=_size(chunk),
                            iteration_threshold=iteration_threshold, norm_threshold=norm_threshold)
     click.echo(json.dumps(res.to_json(), indent=1) if as_json else report.audit_text(res))
@@ -117,5 +146,6 @@ def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, c
 
 
 def register(main):
+    main.add_command(ls_cmd)
     main.add_command(diff_cmd)
     main.add_command(audit_cmd)

@@ -57,7 +57,7 @@ def plan_text(plan) -> str:
 
 
 def _run(rec, dry_run, as_json, progress, hash_inputs=True):
-    from .execute import apply
+    from surgeon.recipe.execute import apply
     plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
                         make_dirs=True, hash_inputs=hash_inputs)
     for w in plan.warnings:
@@ -104,7 +104,7 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
       surgeon apply recipes/shrink_perturb.toml -i fixtures/cnn_adam.keras -o out/sp.keras
       surgeon apply recipes/reset_head.py --set ops.0.seed=7 --set iteration=reset --json
     """
-    from .recipe import apply_overrides, load_recipe
+    from surgeon.recipe import apply_overrides, load_recipe
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
     _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs)
 
@@ -134,8 +134,8 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
           -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn --iteration 3
       surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
     """
-    from .recipe import Recipe, check_iteration, declare
-    from .recipe.schema import Where
+    from surgeon.recipe import Recipe, check_iteration, declare
+    from surgeon.recipe.schema import Where
     where = Where("surgeon transplant", 0)
     if not layers:
         layers = ("*",)
@@ -158,9 +158,9 @@ def log_cmd(checkpoint, as_json):
       surgeon log out/transfer_backbone.keras
       surgeon log out/transfer_backbone.keras --json
     """
-    from .errors import SurgeonError
-    from .formats import detect
-    from .provenance import check_readable
+    from surgeon.core.errors import SurgeonError
+    from surgeon.formats import detect
+    from surgeon.recipe.provenance import check_readable
     detect(checkpoint)
     history = check_readable(checkpoint)
     if as_json:

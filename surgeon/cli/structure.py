@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 _SLOTS = click.Choice(["follow", "reset"])
 
@@ -24,7 +24,7 @@ def _common(f):
 
 
 def _run(plan, output, dry_run, as_json):
-    from . import structure
+    from surgeon import structure
     if not dry_run and not output:
         raise SurgeonError("-o/--output is required (or pass --dry-run)")
     result = None if dry_run else structure.execute(plan, output)
@@ -68,7 +68,7 @@ def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
     Example:
       surgeon widen fixtures/structure/mlp_adam.keras --layer fc1 --to 16 -o wide.keras
     """
-    from .structure import plan_widen
+    from surgeon.structure import plan_widen
     _run(plan_widen(model, layer, to, seed=seed, noise=noise, slots=slots), output, dry_run, as_json)
 
 
@@ -86,7 +86,7 @@ def deepen_cmd(model, output, slots, dry_run, as_json, after, activation, kernel
     Example:
       surgeon deepen fixtures/structure/convbn_sgdm.keras --after relu1 -o deep.keras
     """
-    from .structure import plan_deepen
+    from surgeon.structure import plan_deepen
     _run(plan_deepen(model, after, activation=activation, kernel_size=kernel_size, name=name,
                      slots=slots), output, dry_run, as_json)
 
@@ -110,7 +110,7 @@ def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels)
     Example:
       surgeon delete-channels fixtures/structure/residual_rms.keras --layer c2 --channels 0,3 -o small.keras
     """
-    from .structure import plan_delete_channels
+    from surgeon.structure import plan_delete_channels
     _run(plan_delete_channels(model, layer, _channels(channels), slots=slots), output, dry_run, as_json)
 
 
@@ -127,7 +127,7 @@ def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, 
     Example:
       surgeon prune-channels fixtures/structure/convbn_sgdm.keras --layer conv2 --fraction 0.25 -o pruned.keras
     """
-    from .structure import plan_prune_channels
+    from surgeon.structure import plan_prune_channels
     _run(plan_prune_channels(model, layer, fraction, by=by, slots=slots), output, dry_run, as_json)
 
 
@@ -141,7 +141,7 @@ def delete_layer_cmd(model, output, slots, dry_run, as_json, layer):
     Example:
       surgeon delete-layer deep.keras --layer relu1_deep -o back.keras
     """
-    from .structure import plan_delete_layer
+    from surgeon.structure import plan_delete_layer
     _run(plan_delete_layer(model, layer, slots=slots), output, dry_run, as_json)
 
 
@@ -159,7 +159,7 @@ def insert_layer_cmd(model, output, slots, dry_run, as_json, after, layer_json, 
       surgeon insert-layer fixtures/structure/mlp_adam.keras --after fc1 \\
           --layer-json '{"class_name": "Dropout", "config": {"rate": 0.1}}' --name drop -o d.keras
     """
-    from .structure import plan_insert_layer
+    from surgeon.structure import plan_insert_layer
     _run(plan_insert_layer(model, after, _spec(layer_json), name=name, slots=slots),
          output, dry_run, as_json)
 
@@ -177,7 +177,7 @@ def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json,
       surgeon replace-layer fixtures/structure/mlp_adam.keras --layer fc2 \\
           --layer-json '{"class_name": "Dense", "config": {"units": 8, "activation": "tanh"}}' -o r.keras
     """
-    from .structure import plan_replace_layer
+    from surgeon.structure import plan_replace_layer
     _run(plan_replace_layer(model, layer, _spec(layer_json), name=name, slots=slots),
          output, dry_run, as_json)
 

@@ -86,10 +86,10 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
     import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
-    from .train import resume
+    from surgeon.train import resume
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    from .train import FitError
+    from surgeon.train import FitError
     try:
         res = resume(checkpoint, data=data, steps=steps, output=output, model=model,
                      every=every, seed=seed, batch_size=batch_size, allow_missing=allow_missing,

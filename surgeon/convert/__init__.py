@@ -1,4 +1,8 @@
-"""Convert any readable checkpoint to ``.keras``, ``.weights.h5`` or legacy ``.h5``,
+"""convert: conversion between formats, optimizer state included -- ``convert()`` (here) and
+the Keras skeleton of the target (:mod:`~surgeon.convert.skeleton`). May import core, binding
+and formats; Keras/TensorFlow only on use. Not recipe, ops, inspect, train or cli.
+
+Convert any readable checkpoint to ``.keras``, ``.weights.h5`` or legacy ``.h5``,
 optimizer state included.
 
 Approach: Keras 3 writes an empty *skeleton* of the target (model compiled with the
@@ -18,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SurgeonError
-from .formats import open_checkpoint, open_writer
-from .tree import slot_name
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint, open_writer
+from surgeon.core.tree import slot_name
 
 TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
            ".hdf5": "legacy-h5"}
@@ -163,7 +167,7 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
 
 def _source_model(src, like, label):
     """A Keras 3 model for the target, and the compile config to fall back on."""
-    from . import convert_skeleton as sk
+    from surgeon.convert import skeleton as sk
     if like is not None:
         return sk.model_from_like(like), []
     config = getattr(src, "model_config", None) or getattr(src, "config", None)
@@ -178,7 +182,7 @@ def _source_model(src, like, label):
 
 
 def _optimizer(src, compile_config, mode, report, label):
-    from . import convert_skeleton as sk
+    from surgeon.convert import skeleton as sk
     if mode == "drop":
         report.notes.append("optimizer state dropped (--optimizer drop)")
         return None, None
@@ -251,12 +255,12 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     try:
         with open_checkpoint(src_path, model=model) as src:
             if model is not None and not getattr(src, "model_json", None):
-                from .formats.keras_h5 import read_model_json
+                from surgeon.formats.keras_h5 import read_model_json
                 src.model_json = read_model_json(model)
             (kmodel, compile_config), notes = _source_model(src, like, str(src_path))
             report.notes += notes
             opt, loss = _optimizer(src, compile_config, optimizer, report, str(src_path))
-            from . import convert_skeleton as sk
+            from surgeon.convert import skeleton as sk
             skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)

@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 # Arguments Keras 3 removed, dropped from legacy configs before deserialising.
 REMOVED_ARGS = {"Embedding": ("input_length",), "LSTM": ("time_major",), "GRU": ("time_major",),
@@ -147,7 +147,7 @@ def model_from_like(like):
         return model, None
     if not Path(like).exists():
         raise SurgeonError(f"--like {like}: no such file (expected MODEL.keras or module:function)")
-    from .formats.keras_zip import read_zip_json
+    from surgeon.formats.keras_zip import read_zip_json
     config = read_zip_json(like, "config.json")
     model, _ = model_from_config({k: config[k] for k in ("class_name", "config", "module",
                                                          "registered_name") if k in config},

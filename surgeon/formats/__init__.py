@@ -1,9 +1,14 @@
-"""Format detection and the reader/writer registry (one module per on-disk format)."""
+"""formats: every on-disk checkpoint format, one module (reader and writer side by side) per
+format behind the same small protocol, mapping native keys to canonical names and back;
+this ``__init__`` detects a file's format in one place and holds the registry
+(``open_checkpoint``, ``open_writer``). Speaks numpy; TensorFlow only inside the TF modules,
+imported lazily. May import core and binding; nothing above (no recipe, ops or inspect).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import FormatError, SurgeonError
+from surgeon.core.errors import FormatError, SurgeonError
 
 SUPPORTED = (".keras (Keras 3 model), .weights.h5 (Keras 3 weights), "
              ".weights.json (Keras 3 sharded weights), .h5/.hdf5 (legacy Keras 2/tf.keras), "

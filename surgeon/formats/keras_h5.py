@@ -7,8 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import FormatError, SurgeonError, WriteError
-from .. import atomic
+from surgeon.core.errors import FormatError, SurgeonError, WriteError
+from surgeon.core import atomic
 from . import keras_layout
 from .h5tree import Node, check_dataset, snapshot
 

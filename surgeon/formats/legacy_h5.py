@@ -15,9 +15,9 @@ import json
 
 import numpy as np
 
-from .. import layers, legacy_binding
-from ..errors import FormatError
-from ..tree import Entry, OptimizerInfo, slot_name
+from surgeon.binding import layers, legacy as legacy_binding
+from surgeon.core.errors import FormatError
+from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 from .h5tree import DS, Node
 from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5, read_model_json
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, SurgeonError
+from surgeon.core.errors import FormatError, SurgeonError
 from .tf_v1names import map_names
 
 GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"

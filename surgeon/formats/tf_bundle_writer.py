@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic
-from ..errors import SurgeonError, WriteError
+from surgeon.core import atomic
+from surgeon.core.errors import SurgeonError, WriteError
 from .tf_bundle import _one_line, _tf
 
 PART_BYTES = 256 << 20  # flush pending tensors into a part once they exceed this

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .diff import CHUNK_BYTES, as_float, fdot, iter_chunks, zip_flat
+from surgeon.inspect.stream import CHUNK_BYTES, as_float, fdot, iter_chunks, zip_flat
 
 SEVERITIES = ("error", "warning", "info")
 CODES = {
@@ -178,7 +178,7 @@ def _check_param(reader, result, p, slots, chunk_bytes, iteration, mask=None):
 def _masks(reader):
     """Pruning masks stored by the recipe engine ({} when none or unsupported)."""
     try:
-        from .ops.mask import read_masks
+        from surgeon.ops.mask import read_masks
     except ImportError:
         return {}
     if not hasattr(reader, "read_key"):
@@ -273,7 +273,7 @@ def _opt_index(e):
 
 def _diagnose(reader, result, entries, unresolved):
     """Explain positional slots that did not bind (Keras 3 layouts, model config known)."""
-    from . import optimizers
+    from surgeon.binding import optimizers
     opt = getattr(reader, "optimizer", None)
     layout = optimizers.layout_for(opt.class_name, opt.config) if opt and opt.config else None
     rest = sorted(unresolved, key=lambda e: (_opt_index(e) is None, _opt_index(e) or 0))
@@ -336,6 +336,6 @@ def _mixed_dtypes(result, entries):
 def audit_path(path, model=None, **kw) -> AuditResult:
     """Open ``path`` (``model`` for bare weights files) and audit it."""
     from .diff import model_for
-    from .formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     with open_checkpoint(path, model=model_for(path, model)) as reader:
         return audit_checkpoint(reader, **kw)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 PLOT_SIZE = (1200, 500)  # pixels (width, height) of every PNG
 DPI = 100

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from . import initializers
 from .base import Op, Result, float_value, like, rng_for
 from .reinit import resolve

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ops import registry
-from .ops.base import slot_power
-from .ops.cast import np_dtype
+from surgeon.ops import registry
+from surgeon.ops.base import slot_power
+from surgeon.ops.cast import np_dtype
 
 
 @dataclass
@@ -99,9 +99,9 @@ class _SlotState:
 def open_output(out, reader, plan, patch=True):
     """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
     (fastest, every other byte is the input's), else the rebuilding lossless writer."""
-    from .formats import open_writer
+    from surgeon.formats import open_writer
     if patch and all(s.dtype == s.new_dtype for s in plan.steps):
-        from .formats.keras_patch import open_patch_writer
+        from surgeon.formats.keras_patch import open_patch_writer
         writer = open_patch_writer(out, reader)
         if writer is not None:
             return writer
@@ -130,11 +130,12 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     """
     from pathlib import Path
 
-    from . import __version__, provenance
-    from .errors import RecipeError
+    from surgeon.core import __version__
+    from surgeon.recipe import provenance
+    from surgeon.core.errors import RecipeError
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
-    from .structure import recipe_ops
+    from surgeon.recipe import structural as recipe_ops
     rewrites, rest = recipe_ops.split(recipe)
     if rewrites:
         # Whole-model rewrites first (into a private temp dir), then the tensor ops on the result.

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RecipeError, SurgeonError
-from .ops import registry
+from surgeon.core.errors import RecipeError, SurgeonError
+from surgeon.ops import registry
 
 ADAM_LIKE = ("Adam", "AdamW", "Nadam", "Lamb", "Adamax")
 
@@ -53,7 +53,7 @@ class PlanContext:
         self.reports = []
         self.op_index = 0
         self._masks = None
-        from .formats import REGISTRY
+        from surgeon.formats import REGISTRY
         mod, _, writer = REGISTRY.get(reader.format, (None, None, None))
         self.writer_class = _writer_class(mod, writer)
 
@@ -87,7 +87,7 @@ class PlanContext:
         """A reader for a source checkpoint (a path or a name from the recipe's sources)."""
         path = self.recipe.source_path(name) if self.recipe else name
         if path not in self.sources:
-            from .formats import open_checkpoint
+            from surgeon.formats import open_checkpoint
             try:
                 self.sources[path] = open_checkpoint(path)
             except SurgeonError as exc:
@@ -97,7 +97,7 @@ class PlanContext:
 
     def existing_mask(self, name):
         if self._masks is None:
-            from .ops.mask import read_masks
+            from surgeon.ops.mask import read_masks
             self._masks = read_masks(self.reader) if hasattr(self.reader, "read_key") else {}
         return self._masks.get(name)
 
@@ -197,7 +197,7 @@ def _bias_warnings(plan, ctx):
 
 def open_input(recipe):
     """Open the recipe's input checkpoint (with its ``model``) as a reader."""
-    from .formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     if not recipe.input:
         raise RecipeError(f"{recipe.path}: the recipe names no input; pass -i CHECKPOINT")
     if not Path(recipe.input).exists() and not Path(str(recipe.input) + ".index").exists():
@@ -208,5 +208,5 @@ def open_input(recipe):
 def model_json_for(recipe):
     if recipe.model is None:
         return None
-    from .formats.keras_h5 import read_model_json
+    from surgeon.formats.keras_h5 import read_model_json
     return read_model_json(recipe.model)

@@ -13,7 +13,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 MEMBER = "surgeon/provenance.json"
 H5_KEY = "surgeon/provenance"
@@ -57,7 +57,7 @@ def content_hash(path) -> str:
 def read_log(path) -> list:
     """The surgery history stored in a checkpoint (oldest first); [] when it has none."""
     path = Path(path)
-    from .formats import detect
+    from surgeon.formats import detect
     fmt = detect(path)
     if fmt == "keras":
         with zipfile.ZipFile(path) as zf:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..errors import RecipeError
-from ..tree import ROLES
+from surgeon.core.errors import RecipeError
+from surgeon.core.tree import ROLES
 
 ITERATION_WORDS = ("keep", "reset")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SurgeonError
-from ..formats import open_checkpoint, open_writer
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint, open_writer
 from .plan import apply_steps, identity_init
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 KT = "__keras_tensor__"
 

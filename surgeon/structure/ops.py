@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SurgeonError
-from ..formats import open_checkpoint
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint
 from .channels import PRODUCERS, ChannelEdit
 from .graph import Graph
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction

@@ -5,7 +5,7 @@ import copy
 import os
 import warnings
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def keras_output_shapes(model_json: dict, label) -> dict:

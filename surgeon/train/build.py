@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def _config_of(reader, model_spec):
@@ -22,7 +22,7 @@ def _config_of(reader, model_spec):
         return cfg
     p = Path(str(model_spec))
     if p.suffix == ".keras" or p.suffix == ".json":
-        from ..formats.keras_h5 import read_model_json
+        from surgeon.formats.keras_h5 import read_model_json
         return read_model_json(p)
     return None
 

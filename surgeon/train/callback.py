@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import keras
 
-from .train.edits import EditProgram, as_edits
-from .train.mapping import map_model
+from surgeon.train.edits import EditProgram, as_edits
+from surgeon.train.mapping import map_model
 
 
 class RecipeCallback(keras.callbacks.Callback):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic
-from ..errors import SurgeonError
-from ..formats import open_writer
+from surgeon.core import atomic
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_writer
 
 
 def live_values(vm) -> dict:

@@ -13,7 +13,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def load_callable(spec: str, what: str = "--data"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def make_strategy(name: str):

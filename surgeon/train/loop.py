@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _open(checkpoint, model, strategy, custom_objects):
     import os
     import tempfile
     import keras
-    from .. import open_checkpoint
+    from surgeon.formats import open_checkpoint
     from . import build
     if model is None or str(checkpoint).endswith(".keras") or _reader_model(checkpoint, model):
         reader = open_checkpoint(checkpoint, model=_reader_model(checkpoint, model))

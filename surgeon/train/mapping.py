@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import optimizers
-from ..errors import BindingError
-from ..tree import slot_name
+from surgeon.binding import optimizers
+from surgeon.core.errors import BindingError
+from surgeon.core.tree import slot_name
 
 
 @dataclass

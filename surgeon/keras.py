@@ -1,0 +1,6 @@
+"""``surgeon.keras``: the public path of the Keras integration (``RecipeCallback``,
+``ClipConstraint``), which lives in :mod:`surgeon.train.callback`. Kept as a module because
+``from surgeon.keras import RecipeCallback`` needs one; importing it imports Keras."""
+from surgeon.train.callback import ClipConstraint, RecipeCallback
+
+__all__ = ["RecipeCallback", "ClipConstraint"]
