@@ -7,7 +7,7 @@ After each kill: the input is byte-identical, and the target is absent or a comp
 checkpoint whose every tensor equals the uninterrupted run's. After the next successful
 run no ``*.surgeon-tmp*`` file is left in the directory (killed runs' temps are named
 ``.<target>.<host>-<pid>.<random>.surgeon-tmp`` and the next successful write of the same
-target removes those whose process is gone; see surgeon/atomic.py).
+target removes those whose process is gone; see surgeon/core/atomic.py).
 """
 import hashlib
 import os

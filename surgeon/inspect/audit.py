@@ -2,7 +2,7 @@
 
 Every tensor is read once, in chunks (a param together with its slots, so masked
 weights can be checked against their moments). The library never prints; see
-``surgeon.report.audit_text``. Finding codes and severities are listed in ``CODES``.
+``surgeon.inspect.report.audit_text``. Finding codes and severities are listed in ``CODES``.
 """
 from __future__ import annotations
 

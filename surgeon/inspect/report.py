@@ -1,6 +1,6 @@
 """Rendering of diff / series / audit results: text, markdown and PNG plots.
 
-The library computes (``surgeon.diff``, ``surgeon.audit``); this module only formats.
+The library computes (``surgeon.inspect.diff``, ``surgeon.inspect.audit``); this module only formats.
 Plots use matplotlib's object API (no pyplot, no global state); matplotlib is the
 optional extra ``surgeon[plot]``.
 """
