@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from surgeon.inspect.stream import CHUNK_BYTES, finite_or_none
-from surgeon.inspect.diff import _keep, diff_checkpoints, model_for
 from surgeon.core.errors import SurgeonError
+from surgeon.inspect.diff import _keep, diff_checkpoints, model_for
+from surgeon.inspect.stream import CHUNK_BYTES, finite_or_none
 
 
 @dataclass
