@@ -18,7 +18,7 @@ def _common(f):
     f = click.option("--slots", type=_SLOTS, default="follow", show_default=True,
                      help="Optimizer slots of touched tensors: follow (same index map; "
                           "rescaled consistently, new tensors zero) or reset (zero).")(f)
-    f = click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+    f = click.option("-o", "--output", type=click.Path(), default=None,
                      help="Output .keras file (required unless --dry-run).")(f)
     return click.argument("model", type=click.Path())(f)
 

@@ -207,7 +207,7 @@ def _cast(arr, dtype):
     return arr
 
 
-def _fill(src, skel, dst, report):
+def _fill(src, skel, dst, report, log=None):
     with open_writer(dst, like=skel) as w:
         for p in report.pairs:
             if p.source is None:
@@ -220,6 +220,8 @@ def _fill(src, skel, dst, report):
             w.write(p.target, arr)
             if p.target == "optimizer/iteration":
                 report.iterations = int(np.asarray(arr).reshape(-1)[0])
+        if log is not None:
+            log(w)
         w.finalize()
 
 
@@ -242,10 +244,14 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     """
     if optimizer not in ("keep", "drop"):
         raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
+    from . import atomic
     fmt = target_format(dst)
     dst = Path(dst)
+    atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
     if not dst.parent.exists():
         raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    args = {"source": src_path, "output": dst, "like": like, "optimizer": optimizer,
+            "allow_missing": allow_missing, "model": model}
     report = ConvertReport(str(src_path), str(dst), fmt)
     tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
     try:
@@ -260,7 +266,23 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
             skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)
-                _fill(src, skel, dst, report)
+                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report
+
+
+def _logger(src_path, args, report, fmt):
+    """Embeds the surgery log (the source's history, then this conversion) in the output."""
+    from . import provenance
+
+    def log(writer):
+        like = args["like"] if args["like"] and ":" not in str(args["like"]) else None
+        summary = {"format": fmt, "optimizer": report.optimizer, "iterations": report.iterations,
+                   "tensors": sum(1 for p in report.pairs if p.source is not None),
+                   "kept": [p.target for p in report.pairs if p.how == "kept"],
+                   "unmatched_source": list(report.unmatched_source), "notes": list(report.notes)}
+        rec = provenance.command_record("convert", args, {"input": src_path, "model": args["model"],
+                                                          "like": like}, summary)
+        provenance.embed(writer, fmt, provenance.chained(src_path, rec))
+    return log
