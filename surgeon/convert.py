@@ -136,10 +136,19 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
     pairs, missing = [], []
     src_slots = [e for e in s_entries if e.role == "slot" and e.slot_of]
     unresolved = [e for e in s_entries if e.role == "slot" and not e.slot_of]
-    if unresolved:
-        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved and "
-                            "cannot be moved")
     t_slots = [t for t in t_entries if t.role == "slot"]
+    if unresolved and t_slots:
+        # Optimizer state the source holds but that cannot be tied to its weights: moving
+        # none of it (a fresh optimizer) must be asked for.
+        raise SurgeonError(
+            f"{report.source}: cannot move the optimizer state: {len(unresolved)} of its "
+            f"{len(unresolved) + len(src_slots)} slot(s) are not bound to weights "
+            f"(first: {unresolved[0].name}; see `surgeon ls {report.source}`); pass --model "
+            "when the source is a bare weights file, or --optimizer drop to write a fresh "
+            "optimizer (zero slots, iteration 0)")
+    if unresolved and not any(n.startswith("optimizer state dropped") for n in report.notes):
+        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved; the "
+                            "target optimizer has no slots for them")
     if t_slots and not src_slots:
         report.notes.append("the source holds no bound optimizer state: the target optimizer "
                             "starts fresh (zero slots, iteration 0)")
