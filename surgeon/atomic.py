@@ -241,7 +241,7 @@ def _within(path: str, folder: str) -> bool:
 
 
 def _why(target: Path, real: str, st, inp: _Input):
-    if st is not None and (st.st_dev, st.st_ino) in inp.inodes:
+    if st is not None and (st.st_dev, st.st_ino) in inp.inodes or real in inp.reals:
         return "the same file"
     for d in inp.dirs:
         if _within(real, d):
@@ -270,5 +270,7 @@ def check_output(target, inputs=()) -> None:
         why = _why(target, real, st, inp)
         if why:
             from .errors import WriteError
-            raise WriteError(f"{target}: output is the input {inp.path} ({why}); "
+            named = "" if os.path.normpath(str(target)) == os.path.normpath(inp.path) \
+                else f" {inp.path}"
+            raise WriteError(f"{target}: output is the input{named} ({why}); "
                              "choose another output path")
