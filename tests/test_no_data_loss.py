@@ -106,7 +106,8 @@ def test_no_command_replaces_its_input(tmp_path, monkeypatch, command, kind):
     res = run_cli(*argv(i, o))
     assert res.exit_code == 2, (command, kind, res.output[-2000:])
     errors = [ln for ln in res.output.splitlines() if ln.startswith("surgeon: error: ")]
-    assert len(errors) == 1 and "output is the input" in errors[0], res.output[-2000:]
+    usage = kind == "directory" and "is a directory" in res.output  # click: a file option
+    assert usage or len(errors) == 1 and "output is the input" in errors[0], res.output[-2000:]
     assert snapshot(work) == before  # input byte-identical, nothing else written
 
 
@@ -234,7 +235,9 @@ def test_every_output_carries_its_surgery_log(written, command):
     assert last["command"] == command
     assert last["inputs"][0]["path"] == str(base) and len(last["inputs"][0]["sha256"]) == 64
     res = run_cli("log", out)
-    assert res.exit_code == 0 and f"surgeon {command}" in res.output, res.output
+    said = str(RECIPE) if command == "apply" else f"surgeon {command}"
+    headers = [ln for ln in res.output.splitlines() if ln.startswith("#")]
+    assert res.exit_code == 0 and len(headers) == 2 and said in headers[-1], res.output
 
 
 @pytest.mark.parametrize("umask,mode", [(0o002, 0o664), (0o077, 0o600)])
@@ -332,7 +335,7 @@ def test_convert_drops_optimizer_state_when_asked(unbindable, tmp_path):
     assert "optimizer state dropped (--optimizer drop)" in res.output
     model = load_keras_model(tmp_path / "o.keras")
     from surgeon import open_checkpoint
-    assert model.optimizer is None or int(model.optimizer.iterations.numpy()) == 0
+    assert getattr(model, "optimizer", None) is None  # nothing carried over: a fresh start
     with open_checkpoint(unbindable) as src:
         for v in model.weights:
             assert (src.read(v.path) == v.numpy()).all(), v.path

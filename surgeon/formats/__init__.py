@@ -157,9 +157,10 @@ def check_output_name(target, fmt, like_path=None, what=None) -> None:
         return
     if like_path is not None and name_format(like_path) == said:
         return
-    what = what or f"the output has the input's format, {_SAY.get(family, family)}"
-    raise SurgeonError(f"{target}: the name says {_SAY[said]} but {what}; name the output "
-                       "accordingly, or write it so and change its format with `surgeon convert`")
+    what = what or f"this command writes the input's format, {_SAY.get(family, family)}"
+    ext = {"tf": "TF checkpoint"}.get(family) or next((e for e, f in _NAMED if f == family), family)
+    raise SurgeonError(f"{target}: the name says {_SAY[said]} but {what}; write a {ext}, "
+                       f"then `surgeon convert` it to {Path(str(target)).name}")
 
 
 def open_writer(target, like):
