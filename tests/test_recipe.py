@@ -10,7 +10,7 @@ from conftest import ROOT, fixture, load_keras_model, run_cli
 from recipe_helpers import keras_loads_and_trains, read_all
 from surgeon.core.errors import RecipeError
 from surgeon.recipe.execute import apply
-from surgeon.recipe.provenance import read_log
+from surgeon.formats.provenance import read_log
 from surgeon.recipe import apply_overrides, load_recipe
 
 CNN = fixture("cnn_adam.keras")

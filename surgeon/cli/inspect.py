@@ -87,7 +87,10 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
       surgeon diff a.keras b.keras --markdown --plot change.png
       surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
     """
+    from surgeon.core import atomic
     from surgeon.inspect import diff, report
+    if plot:  # the plot is an output: never one of the inputs
+        atomic.check_output(plot, [*checkpoints, model, model_b])
     chunk_bytes = _size(chunk)
     if series:
         from surgeon.inspect.series import diff_series

@@ -160,7 +160,7 @@ def log_cmd(checkpoint, as_json):
     """
     from surgeon.core.errors import SurgeonError
     from surgeon.formats import detect
-    from surgeon.recipe.provenance import check_readable
+    from surgeon.formats.provenance import check_readable
     detect(checkpoint)
     history = check_readable(checkpoint)
     if as_json:
@@ -179,6 +179,11 @@ def log_cmd(checkpoint, as_json):
             for st in plan.get("structural", []):
                 args = ", ".join(f"{k}={v}" for k, v in st.get("params", {}).items() if not k.startswith("_"))
                 click.echo(f"   {st['op']}({args})")
+            if rec.get("summary"):  # commands other than apply: what they did
+                did = ", ".join(f"{k}={v}" for k, v in rec["summary"].items()
+                                if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+                click.echo(f"   {rec.get('command')}: {did}")
+                continue
             ops = {}
             for s in plan["steps"]:
                 ops[s["op"]] = ops.get(s["op"], 0) + 1

@@ -11,14 +11,31 @@ from surgeon.core.errors import SurgeonError
 _SLOTS = click.Choice(["follow", "reset"])
 
 
+def _refuse_early(f):
+    """Check the output (not an input, named .keras) before planning: nothing is done first."""
+    import functools
+
+    @functools.wraps(f)
+    def guarded(**kw):
+        if kw.get("output") and not kw.get("dry_run"):
+            from surgeon.core import atomic
+            from surgeon.formats import check_output_name
+            atomic.check_output(kw["output"], [kw["model"]])
+            check_output_name(kw["output"], "keras", what=f"{f.__name__[:-4].replace('_', '-')} "
+                              "writes a Keras model (.keras)")
+        return f(**kw)
+    return guarded
+
+
 def _common(f):
+    f = _refuse_early(f)
     f = click.option("--json", "as_json", is_flag=True,
                      help="Print the plan (and the result) as one JSON object.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option("--slots", type=_SLOTS, default="follow", show_default=True,
                      help="Optimizer slots of touched tensors: follow (same index map; "
                           "rescaled consistently, new tensors zero) or reset (zero).")(f)
-    f = click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+    f = click.option("-o", "--output", type=click.Path(), default=None,
                      help="Output .keras file (required unless --dry-run).")(f)
     return click.argument("model", type=click.Path())(f)
 

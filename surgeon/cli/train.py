@@ -84,6 +84,8 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
           --data recipes/example_data.py:nested_data --steps 5 -o /tmp/n.weights.h5 --json
     """
     import os
+    from surgeon.train.checkpoint import check_output
+    check_output(checkpoint, output, model)  # before TensorFlow loads: nothing else is done
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     from surgeon.train import resume

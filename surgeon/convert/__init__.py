@@ -140,10 +140,19 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
     pairs, missing = [], []
     src_slots = [e for e in s_entries if e.role == "slot" and e.slot_of]
     unresolved = [e for e in s_entries if e.role == "slot" and not e.slot_of]
-    if unresolved:
-        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved and "
-                            "cannot be moved")
     t_slots = [t for t in t_entries if t.role == "slot"]
+    if unresolved and t_slots:
+        # Optimizer state the source holds but that cannot be tied to its weights: moving
+        # none of it (a fresh optimizer) must be asked for.
+        raise SurgeonError(
+            f"{report.source}: cannot move the optimizer state: {len(unresolved)} of its "
+            f"{len(unresolved) + len(src_slots)} slot(s) are not bound to weights "
+            f"(first: {unresolved[0].name}; see `surgeon ls {report.source}`); pass --model "
+            "when the source is a bare weights file, or --optimizer drop to write a fresh "
+            "optimizer (zero slots, iteration 0)")
+    if unresolved and not any(n.startswith("optimizer state dropped") for n in report.notes):
+        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved; the "
+                            "target optimizer has no slots for them")
     if t_slots and not src_slots:
         report.notes.append("the source holds no bound optimizer state: the target optimizer "
                             "starts fresh (zero slots, iteration 0)")
@@ -211,7 +220,7 @@ def _cast(arr, dtype):
     return arr
 
 
-def _fill(src, skel, dst, report):
+def _fill(src, skel, dst, report, log=None):
     with open_writer(dst, like=skel) as w:
         for p in report.pairs:
             if p.source is None:
@@ -224,6 +233,8 @@ def _fill(src, skel, dst, report):
             w.write(p.target, arr)
             if p.target == "optimizer/iteration":
                 report.iterations = int(np.asarray(arr).reshape(-1)[0])
+        if log is not None:
+            log(w)
         w.finalize()
 
 
@@ -246,10 +257,14 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     """
     if optimizer not in ("keep", "drop"):
         raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
+    from surgeon.core import atomic
     fmt = target_format(dst)
     dst = Path(dst)
+    atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
     if not dst.parent.exists():
         raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    args = {"source": src_path, "output": dst, "like": like, "optimizer": optimizer,
+            "allow_missing": allow_missing, "model": model}
     report = ConvertReport(str(src_path), str(dst), fmt)
     tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
     try:
@@ -264,7 +279,23 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
             skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)
-                _fill(src, skel, dst, report)
+                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report
+
+
+def _logger(src_path, args, report, fmt):
+    """Embeds the surgery log (the source's history, then this conversion) in the output."""
+    from surgeon.formats import provenance
+
+    def log(writer):
+        like = args["like"] if args["like"] and ":" not in str(args["like"]) else None
+        summary = {"format": fmt, "optimizer": report.optimizer, "iterations": report.iterations,
+                   "tensors": sum(1 for p in report.pairs if p.source is not None),
+                   "kept": [p.target for p in report.pairs if p.how == "kept"],
+                   "unmatched_source": list(report.unmatched_source), "notes": list(report.notes)}
+        rec = provenance.command_record("convert", args, {"input": src_path, "model": args["model"],
+                                                          "like": like}, summary)
+        provenance.embed(writer, fmt, provenance.chained(src_path, rec))
+    return log

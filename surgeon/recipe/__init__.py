@@ -3,7 +3,7 @@
 load (:mod:`~surgeon.recipe.loader`: ``recipe.py``/TOML, ``--set``) -> plan
 (:mod:`~surgeon.recipe.plan`: validated, printable, no data read) -> execute
 (:mod:`~surgeon.recipe.execute`: streaming, structural ops first via
-:mod:`~surgeon.recipe.structural`) -> provenance (:mod:`~surgeon.recipe.provenance`: the
+:mod:`~surgeon.recipe.structural`) -> provenance (:mod:`~surgeon.formats.provenance`: the
 surgery log in the output). May import core, binding, formats, structure and ops; ops import
 only ``recipe.schema`` from here. Not inspect, convert, train or cli.
 

@@ -5,6 +5,7 @@ largest touched tensor plus its slots.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,10 @@ class _SlotState:
 def open_output(out, reader, plan, patch=True):
     """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
     (fastest, every other byte is the input's), else the rebuilding lossless writer."""
-    from surgeon.formats import open_writer
+    from surgeon.core import atomic
+    from surgeon.formats import check_output_name, open_writer
+    atomic.check_output(out, [reader.path])
+    check_output_name(out, reader.format, reader.path)
     if patch and all(s.dtype == s.new_dtype for s in plan.steps):
         from surgeon.formats.keras_patch import open_patch_writer
         writer = open_patch_writer(out, reader)
@@ -131,11 +135,13 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     from pathlib import Path
 
     from surgeon.core import __version__
-    from surgeon.recipe import provenance
+    from surgeon.formats import provenance
     from surgeon.core.errors import RecipeError
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
     from surgeon.recipe import structural as recipe_ops
+    if not dry_run and recipe.output:  # refuse before any work
+        _check_output(recipe, origin)
     rewrites, rest = recipe_ops.split(recipe)
     if rewrites:
         # Whole-model rewrites first (into a private temp dir), then the tensor ops on the result.
@@ -165,8 +171,8 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             if make_dirs:
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
-            if out.exists() and out.resolve() == Path(reader.path).resolve():
-                raise RecipeError(f"{out}: output is the input; choose another output path")
+            from surgeon.core import atomic
+            atomic.check_output(out, [first, recipe.model, *ctx.sources])
             with open_output(out, reader, plan, patch) as writer:
                 stats = run(plan, ctx, writer, progress)
                 history = provenance.read_log(first)
@@ -177,3 +183,15 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         finally:
             hasher.close()
             ctx.close()
+
+
+def _check_output(recipe, origin=None):
+    """The output is not an input, and its name announces the format apply writes (the
+    input's)."""
+    from surgeon.core import atomic
+    from surgeon.formats import check_output_name, detect
+    first = origin or recipe.input
+    atomic.check_output(recipe.output, [first, recipe.input, recipe.model])
+    inp = recipe.input
+    if inp and origin is None and (os.path.exists(inp) or os.path.exists(f"{inp}.index")):
+        check_output_name(recipe.output, detect(inp), inp)

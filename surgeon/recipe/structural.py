@@ -59,7 +59,7 @@ def run(source, specs, workdir):
         try:
             plan = _planner(spec.op)(current, **spec.kwargs)
             nxt = str(Path(workdir) / f"step{i + 1}.keras")
-            execute(plan, nxt)
+            execute(plan, nxt, log=False)
         except SurgeonError as exc:
             raise RecipeError(f"{spec.where}: op {spec.op!r}: {exc}") from None
         plans.append({"where": str(spec.where), "text": plan.text(), "plan": plan.to_json()})
