@@ -53,9 +53,10 @@ def main():
                    "(gives the trainable order needed to bind optimizer slots).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
 def ls_cmd(checkpoint, model, as_json):
-    """List a checkpoint's tensors: layers, weights, optimizer slots, totals.
+    """List tensors, optimizer slots and totals.
 
-    Reads no tensor data (only the iteration counter) and never imports TensorFlow for
+    The tree of a checkpoint: layer -> weights (shape, dtype, values, bytes, role, the
+    optimizer slots each param has), then the optimizer and totals. Reads no tensor data (only the iteration counter) and never imports TensorFlow for
     H5-based formats.
 
     \b

@@ -91,7 +91,7 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
 def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
-    """Apply a recipe (recipe.py or recipe.toml) to a checkpoint.
+    """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
     written twice); then every affected tensor and its optimizer slots are streamed to the
@@ -124,9 +124,10 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json):
-    """Copy layers (weights and optimizer slots) from SRC into DST, written to OUTPUT.
+    """Copy layers and their slots from SRC to DST.
 
-    The one-line form of a recipe with a single transplant op.
+    Weights and optimizer slots of the chosen layers of SRC go into DST, written to
+    OUTPUT. The one-line form of a recipe with a single transplant op.
 
     \b
     Examples:
@@ -151,7 +152,10 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full history as JSON.")
 def log_cmd(checkpoint, as_json):
-    """Print the surgery history embedded in a checkpoint (oldest first).
+    """Print the surgery log embedded in a file.
+
+    Every surgeon output carries its history (oldest first): tool version, recipe,
+    inputs with their sha256, what was done.
 
     \b
     Examples:

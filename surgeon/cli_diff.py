@@ -43,9 +43,9 @@ def _size(text):
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
              as_json, markdown, plot, chunk):
-    """Compare two checkpoints tensor by tensor (any formats, by canonical name).
+    """Compare two checkpoints tensor by tensor.
 
-    Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
+    Any two formats, paired by canonical name. Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
     relative L2 change |B-A|/|A|, cosine, fraction of elements changed, norms. A param
     that changed while its optimizer slots did not (or the reverse) is flagged.
     Exit code: 0 equal within tolerance, 1 different, 2 error.
@@ -97,9 +97,11 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
               help="Report kernels with RMS x sqrt(fan-in) above this.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
-    """Check a checkpoint's health: NaN/Inf, zero/constant/dead/exploding kernels,
-    optimizer slots missing, extra or mismatched, masked weights with moments,
-    moments reset at a large iteration, mixed dtypes.
+    """Check a checkpoint's health.
+
+    NaN/Inf, zero/constant/dead/exploding kernels, optimizer slots missing, extra or
+    mismatched, masked weights with moments, second moments reset at a large iteration,
+    mixed dtypes.
 
     Findings have a severity (error, warning, info) and a code. Exit code: 1 when any
     finding is an error, 0 otherwise, 2 when the file cannot be read.
