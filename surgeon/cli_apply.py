@@ -51,9 +51,26 @@ def plan_text(plan) -> str:
         for n in r["unused_sources"]:
             lines.append(f"      unused source {n}")
     touched = len({s.target for s in plan.steps})
-    lines.append(f"{touched} tensor(s) changed, {sum(1 for s in plan.steps for _, p in s.slots if p != 'keep')} "
-                 "slot change(s); everything else copied as stored")
+    slots = sum(1 for s in plan.steps for _, p in s.slots if p != "keep")
+    tensor_part = f"{touched} tensor(s) changed, {slots} slot change(s)"
+    if plan.structural:
+        tensor_part = f"{structural_summary(plan.structural)}; then {tensor_part} by the tensor ops"
+    lines.append(f"{tensor_part}; everything else copied as stored")
     return "\n".join(lines)
+
+
+def structural_summary(structural) -> str:
+    """``widen (fc1): 3 tensor(s) rewritten, 1 new, 0 removed`` for each structural edit."""
+    parts = []
+    for st in structural:
+        p = st.get("plan") or {}
+        actions = p.get("actions", [])
+        new = sum(1 for a in actions if a.get("source") is None)
+        layers = ", ".join(p.get("new_layers", []) + p.get("changed_layers", []))
+        parts.append(f"{p.get('op', '?')}{f' ({layers})' if layers else ''}: "
+                     f"{len(actions) - new} tensor(s) rewritten, {new} new, "
+                     f"{len(p.get('removed', []))} removed (slots {p.get('slots', '?')})")
+    return "; ".join(parts)
 
 
 def _run(rec, dry_run, as_json, progress, hash_inputs=True):
@@ -66,12 +83,14 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
         out = {"plan": plan.to_json(), "dry_run": dry_run}
         if stats:
             out["written"] = {"output": plan.output, "tensors": stats.tensors, "slots": stats.slots,
-                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3)}
+                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
+                              "structural_edits": len(plan.structural)}
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(plan_text(plan))
     if stats:
-        click.echo(f"wrote {plan.output} ({stats.tensors} tensors, {stats.slots} slots changed, "
+        edits = f"{len(plan.structural)} structural edit(s), then " if plan.structural else ""
+        click.echo(f"wrote {plan.output} ({edits}{stats.tensors} tensors, {stats.slots} slots changed, "
                    f"{stats.seconds:.2f}s)")
     else:
         click.echo("dry run: nothing written")

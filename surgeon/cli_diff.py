@@ -18,6 +18,12 @@ def _size(text):
         raise SurgeonError(f"--chunk {text!r}: expected a size like 8M, 512K or 1G") from None
 
 
+def _plotted(path):
+    """Say where the PNG went (stderr, so --json and --markdown stay clean on stdout)."""
+    from .report import PLOT_SIZE
+    click.echo(f"surgeon: wrote plot {path} ({PLOT_SIZE[0]}x{PLOT_SIZE[1]} px)", err=True)
+
+
 @click.command("diff")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
@@ -64,7 +70,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
         from .diff_series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
         if plot:
-            report.plot_series(res, plot)
+            _plotted(report.plot_series(res, plot))
         out = (json.dumps(res.to_json(), indent=1) if as_json
                else report.series_markdown(res) if markdown else report.series_text(res))
         click.echo(out)
@@ -76,7 +82,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
                           ignore_optimizer=ignore_optimizer, maps=maps, chunk_bytes=chunk_bytes,
                           sample=diff.SAMPLE_PER_TENSOR if plot else 0)
     if plot:
-        report.plot_diff(res, plot)
+        _plotted(report.plot_diff(res, plot))
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1))
     elif markdown:
