@@ -243,6 +243,8 @@ def plan_insert_layer(path, after, spec, name=None, slots="follow"):
     """Insert a built-in layer (``spec``: {"class_name", "config"}) after ``after``; without
     ``name`` (or ``config.name``) it gets a fresh Keras-style name (``dropout``, ``dense_1``)."""
     g, names, cc = load(path)
+    g.layer(after)
+    g.refuse_output(after, "insert a layer after")  # before Keras is imported to check the class
     item = _layer_item(spec, name, path, taken=set(g.layers))
     _check_class(item)
     g.insert_after(after, item)
