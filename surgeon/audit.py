@@ -176,7 +176,7 @@ def _check_param(reader, result, p, slots, chunk_bytes, iteration, mask=None):
              if st.n and st.zeros == st.n and slot_power(s.slot) == 2]
     if reset and iteration is not None and iteration >= result.iteration_threshold:
         result.add("moments-reset", p.name,
-                   f"second-moment slots {', '.join(reset)} are all zero while iteration={iteration}: "
+                   f"second moments ({', '.join(reset)}) are all zero while iteration={iteration}: "
                    "bias correction no longer compensates, so the first updates are several times a "
                    "normal step (warm-reset the slots or restart the iteration count)")
     return 1 + len(same)
