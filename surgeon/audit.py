@@ -266,7 +266,8 @@ def _check_structure(reader, result, entries, md, model_json=None):
             result.add("slot-shape", s.name, f"shape {tuple(s.shape)} differs from {p.name} {tuple(p.shape)}")
         var_dtype = variable_dtype(dtypes, p.name)
         if s.dtype not in (p.dtype, var_dtype):
-            also = f" and from the {var_dtype} Keras gives its variable" if var_dtype not in (None, p.dtype) else ""
+            also = (f" and from the {var_dtype} Keras gives its variable"
+                    if var_dtype not in (None, p.dtype) else "")
             result.add("slot-dtype", s.name, f"dtype {s.dtype} differs from {p.name} {p.dtype}{also}")
         if p.frozen:
             result.add("slot-on-frozen", p.name, f"frozen param has optimizer slot {s.slot}; "

@@ -56,8 +56,8 @@ def ls_cmd(checkpoint, model, as_json):
     """List tensors, optimizer slots and totals.
 
     The tree of a checkpoint: layer -> weights (shape, dtype, values, bytes, role, the
-    optimizer slots each param has), then the optimizer and totals. Reads no tensor data (only the iteration counter) and never imports TensorFlow for
-    H5-based formats.
+    optimizer slots each param has), then the optimizer and totals. Reads no tensor data
+    (only the iteration counter) and never imports TensorFlow for H5-based formats.
 
     \b
     Examples:

@@ -51,8 +51,9 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
              as_json, markdown, plot, chunk):
     """Compare two checkpoints tensor by tensor.
 
-    Any two formats, paired by canonical name. Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
-    relative L2 change |B-A|/|A|, cosine, fraction of elements changed, norms. A param
+    Any two formats, paired by canonical name. Per tensor: status (equal, changed,
+    reshaped, retyped, added, removed), max |B-A|, relative L2 change |B-A|/|A|, cosine,
+    fraction of elements changed, norms. A param
     that changed while its optimizer slots did not (or the reverse) is flagged.
     Exit code: 0 equal within tolerance, 1 different, 2 error.
 

@@ -59,10 +59,10 @@ def _spec(text):
 def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
     """Net2WiderNet: grow a Dense/Conv layer.
 
-    The widened model computes the same function. New units replicate randomly chosen existing ones; the next layers' incoming weights
-    are divided by each unit's replication count; BatchNorm in between follows. Slots
-    (follow): replicated units' slots / count (second moments / count^2); consumer rows
-    copied.
+    The widened model computes the same function. New units replicate randomly chosen
+    existing ones; the next layers' incoming weights are divided by each unit's
+    replication count; BatchNorm in between follows. Slots (follow): replicated units'
+    slots / count (second moments / count^2); consumer rows copied.
 
     \b
     Example:

@@ -161,8 +161,8 @@ def _iteration(recipe, ctx):
         return None
     e = ctx.by_name.get("optimizer/iteration")
     if e is None:
-        raise RecipeError(f"{recipe.where}: iteration={policy!r}, but {ctx.reader.path} "
-                          "has no optimizer iteration counter")
+        raise RecipeError(f"{recipe.where}: {spell(recipe.where, 'iteration', policy)}, but "
+                          f"{ctx.reader.path} has no optimizer iteration counter")
     info = ctx.reader.metadata().get("optimizer") or {}
     after = 0 if policy == "reset" else int(policy)
     return {"target": e.name, "policy": policy if policy == "reset" else f"set {after}",

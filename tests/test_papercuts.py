@@ -115,7 +115,8 @@ print("tensorflow imported:", "tensorflow" in sys.modules)
 
 
 def test_deepen_after_the_output_layer_is_refused_at_plan_time():
-    code = PLAN_AFTER_OUTPUT.format(conv=str(STRUCT / "convbn_sgdm.keras"), mlp=str(STRUCT / "mlp_adam.keras"))
+    code = PLAN_AFTER_OUTPUT.format(conv=str(STRUCT / "convbn_sgdm.keras"),
+                                    mlp=str(STRUCT / "mlp_adam.keras"))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     lines = p.stdout.strip().splitlines()
     assert p.returncode == 0 and len(lines) == 4, p.stdout + p.stderr

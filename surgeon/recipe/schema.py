@@ -19,6 +19,8 @@ class Where:
     line: int = 0
 
     def __str__(self):
+        if self.syntax == "cli" and not self.line:
+            return self.file  # "surgeon transplant", "--set": no line to point at
         return f"{self.file}:{self.line}"
 
     @property
@@ -48,6 +50,8 @@ def spell(where, key: str, value) -> str:
     syntax = where.syntax if isinstance(where, Where) else "python"
     if syntax == "toml":
         return f"{key} = {_toml_literal(value)}"
+    if syntax == "cli" and where.file == "--set":
+        return f"--set {key}={_toml_literal(value)}"
     if syntax == "cli":
         flag = "--" + key.replace("_", "-")
         return flag if value is True else f"{flag} {value}"
