@@ -26,10 +26,11 @@ def _size(text):
                    "(gives the trainable order needed to bind optimizer slots).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
 def ls_cmd(checkpoint, model, as_json):
-    """List a checkpoint's tensors: layers, weights, optimizer slots, totals.
+    """List tensors, optimizer slots and totals.
 
-    Reads no tensor data (only the iteration counter) and never imports TensorFlow for
-    H5-based formats.
+    The tree of a checkpoint: layer -> weights (shape, dtype, values, bytes, role, the
+    optimizer slots each param has), then the optimizer and totals. Reads no tensor data
+    (only the iteration counter) and never imports TensorFlow for H5-based formats.
 
     \b
     Examples:
@@ -45,6 +46,12 @@ def ls_cmd(checkpoint, model, as_json):
         click.echo(json.dumps(ls_json(meta, entries), indent=1))
     else:
         click.echo(ls_text(meta, entries))
+
+
+def _plotted(path):
+    """Say where the PNG went (stderr, so --json and --markdown stay clean on stdout)."""
+    from surgeon.inspect.report import PLOT_SIZE
+    click.echo(f"surgeon: wrote plot {path} ({PLOT_SIZE[0]}x{PLOT_SIZE[1]} px)", err=True)
 
 
 @click.command("diff")
@@ -72,10 +79,11 @@ def ls_cmd(checkpoint, model, as_json):
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
              as_json, markdown, plot, chunk):
-    """Compare two checkpoints tensor by tensor (any formats, by canonical name).
+    """Compare two checkpoints tensor by tensor.
 
-    Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
-    relative L2 change |B-A|/|A|, cosine, fraction of elements changed, norms. A param
+    Any two formats, paired by canonical name. Per tensor: status (equal, changed,
+    reshaped, retyped, added, removed), max |B-A|, relative L2 change |B-A|/|A|, cosine,
+    fraction of elements changed, norms. A param
     that changed while its optimizer slots did not (or the reverse) is flagged.
     Exit code: 0 equal within tolerance, 1 different, 2 error.
 
@@ -96,7 +104,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
         from surgeon.inspect.series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
         if plot:
-            report.plot_series(res, plot)
+            _plotted(report.plot_series(res, plot))
         out = (json.dumps(res.to_json(), indent=1) if as_json
                else report.series_markdown(res) if markdown else report.series_text(res))
         click.echo(out)
@@ -108,7 +116,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
                           ignore_optimizer=ignore_optimizer, maps=maps, chunk_bytes=chunk_bytes,
                           sample=diff.SAMPLE_PER_TENSOR if plot else 0)
     if plot:
-        report.plot_diff(res, plot)
+        _plotted(report.plot_diff(res, plot))
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1))
     elif markdown:
@@ -129,9 +137,11 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
               help="Report kernels with RMS x sqrt(fan-in) above this.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
-    """Check a checkpoint's health: NaN/Inf, zero/constant/dead/exploding kernels,
-    optimizer slots missing, extra or mismatched, masked weights with moments,
-    moments reset at a large iteration, mixed dtypes.
+    """Check a checkpoint's health.
+
+    NaN/Inf, zero/constant/dead/exploding kernels, optimizer slots missing, extra or
+    mismatched, masked weights with moments, second moments reset at a large iteration,
+    mixed dtypes.
 
     Findings have a severity (error, warning, info) and a code. Exit code: 1 when any
     finding is an error, 0 otherwise, 2 when the file cannot be read.

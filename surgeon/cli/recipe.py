@@ -51,9 +51,26 @@ def plan_text(plan) -> str:
         for n in r["unused_sources"]:
             lines.append(f"      unused source {n}")
     touched = len({s.target for s in plan.steps})
-    lines.append(f"{touched} tensor(s) changed, {sum(1 for s in plan.steps for _, p in s.slots if p != 'keep')} "
-                 "slot change(s); everything else copied as stored")
+    slots = sum(1 for s in plan.steps for _, p in s.slots if p != "keep")
+    tensor_part = f"{touched} tensor(s) changed, {slots} slot change(s)"
+    if plan.structural:
+        tensor_part = f"{structural_summary(plan.structural)}; then {tensor_part} by the tensor ops"
+    lines.append(f"{tensor_part}; everything else copied as stored")
     return "\n".join(lines)
+
+
+def structural_summary(structural) -> str:
+    """``widen (fc1): 3 tensor(s) rewritten, 1 new, 0 removed`` for each structural edit."""
+    parts = []
+    for st in structural:
+        p = st.get("plan") or {}
+        actions = p.get("actions", [])
+        new = sum(1 for a in actions if a.get("source") is None)
+        layers = ", ".join(p.get("new_layers", []) + p.get("changed_layers", []))
+        parts.append(f"{p.get('op', '?')}{f' ({layers})' if layers else ''}: "
+                     f"{len(actions) - new} tensor(s) rewritten, {new} new, "
+                     f"{len(p.get('removed', []))} removed (slots {p.get('slots', '?')})")
+    return "; ".join(parts)
 
 
 def _run(rec, dry_run, as_json, progress, hash_inputs=True):
@@ -66,12 +83,14 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
         out = {"plan": plan.to_json(), "dry_run": dry_run}
         if stats:
             out["written"] = {"output": plan.output, "tensors": stats.tensors, "slots": stats.slots,
-                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3)}
+                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
+                              "structural_edits": len(plan.structural)}
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(plan_text(plan))
     if stats:
-        click.echo(f"wrote {plan.output} ({stats.tensors} tensors, {stats.slots} slots changed, "
+        edits = f"{len(plan.structural)} structural edit(s), then " if plan.structural else ""
+        click.echo(f"wrote {plan.output} ({edits}{stats.tensors} tensors, {stats.slots} slots changed, "
                    f"{stats.seconds:.2f}s)")
     else:
         click.echo("dry run: nothing written")
@@ -91,7 +110,7 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
 def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
-    """Apply a recipe (recipe.py or recipe.toml) to a checkpoint.
+    """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
     written twice); then every affected tensor and its optimizer slots are streamed to the
@@ -124,9 +143,10 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json):
-    """Copy layers (weights and optimizer slots) from SRC into DST, written to OUTPUT.
+    """Copy layers and their slots from SRC to DST.
 
-    The one-line form of a recipe with a single transplant op.
+    Weights and optimizer slots of the chosen layers of SRC go into DST, written to
+    OUTPUT. The one-line form of a recipe with a single transplant op.
 
     \b
     Examples:
@@ -151,7 +171,10 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full history as JSON.")
 def log_cmd(checkpoint, as_json):
-    """Print the surgery history embedded in a checkpoint (oldest first).
+    """Print the surgery log embedded in a file.
+
+    Every surgeon output carries its history (oldest first): tool version, recipe,
+    inputs with their sha256, what was done.
 
     \b
     Examples:

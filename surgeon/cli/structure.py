@@ -74,12 +74,12 @@ def _spec(text):
               help="Relative std of noise added to the new units (breaks symmetry; the function "
                    "is then only approximately preserved).")
 def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
-    """Net2WiderNet: grow a Dense/Conv layer, computing the same function.
+    """Net2WiderNet: grow a Dense/Conv layer.
 
-    New units replicate randomly chosen existing ones; the next layers' incoming weights
-    are divided by each unit's replication count; BatchNorm in between follows. Slots
-    (follow): replicated units' slots / count (second moments / count^2); consumer rows
-    copied.
+    The widened model computes the same function. New units replicate randomly chosen
+    existing ones; the next layers' incoming weights are divided by each unit's
+    replication count; BatchNorm in between follows. Slots (follow): replicated units'
+    slots / count (second moments / count^2); consumer rows copied.
 
     \b
     Example:
@@ -97,7 +97,10 @@ def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
 @click.option("--kernel-size", type=int, default=3, show_default=True, help="For Conv layers.")
 @click.option("--name", default=None, help="Name of the new layer (default AFTER_deep).")
 def deepen_cmd(model, output, slots, dry_run, as_json, after, activation, kernel_size, name):
-    """Net2DeeperNet: insert an identity-initialised Dense/Conv layer (same function).
+    """Net2DeeperNet: insert an identity layer.
+
+    An identity-initialised Dense/Conv layer after AFTER (same function). The output
+    layer itself cannot be deepened (the new layer would become the model's output).
 
     \b
     Example:
@@ -120,8 +123,10 @@ def _channels(text):
 @click.option("--layer", required=True, help="Dense/Conv layer whose output channels go.")
 @click.option("--channels", required=True, help="Comma-separated channel indices, e.g. 0,3.")
 def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels):
-    """Delete units/filters and the matching inputs of every downstream consumer
-    (through BatchNorm, Flatten, Concatenate, and Add when all branches can follow).
+    """Delete channels and their downstream inputs.
+
+    Units/filters go, with the matching inputs of every downstream consumer (through
+    BatchNorm, Flatten, Concatenate, and Add when all branches can follow).
 
     \b
     Example:
@@ -138,7 +143,9 @@ def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels)
 @click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="Channel score: norm of its kernel slice; the smallest go.")
 def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
-    """Delete the weakest channels of a layer (by kernel norm), like delete-channels.
+    """Delete a layer's weakest channels.
+
+    The channels with the smallest kernel norm go, as with delete-channels.
 
     \b
     Example:
@@ -152,7 +159,9 @@ def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, 
 @_common
 @click.option("--layer", required=True, help="Single-input layer to remove.")
 def delete_layer_cmd(model, output, slots, dry_run, as_json, layer):
-    """Remove a layer; its consumers take its input. Other layers keep weights and slots.
+    """Remove a layer; its consumers take its input.
+
+    Other layers keep their weights and slots.
 
     \b
     Example:
@@ -167,9 +176,14 @@ def delete_layer_cmd(model, output, slots, dry_run, as_json, layer):
 @click.option("--after", required=True, help="Layer whose output feeds the new layer.")
 @click.option("--layer-json", required=True,
               help='Built-in Keras layer: {"class_name": "Dropout", "config": {"rate": 0.1}}.')
-@click.option("--name", default=None, help="Name of the new layer (or config.name).")
+@click.option("--name", default=None,
+              help="Name of the new layer (default: config.name, else a fresh Keras-style name "
+                   "such as dropout or dense_1 that no layer of the model has).")
 def insert_layer_cmd(model, output, slots, dry_run, as_json, after, layer_json, name):
-    """Insert a built-in Keras layer after another (new weights: Keras init, zero slots).
+    """Insert a built-in Keras layer after another.
+
+    New weights get Keras' initialisers and zero slots. Without --name (or config.name)
+    the layer gets a fresh Keras-style name (dropout, dense_1, ...).
 
     \b
     Example:
@@ -187,7 +201,9 @@ def insert_layer_cmd(model, output, slots, dry_run, as_json, after, layer_json, 
 @click.option("--layer-json", required=True, help="Built-in Keras layer spec (class_name, config).")
 @click.option("--name", default=None, help="Name of the new layer (default: the old name).")
 def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json, name):
-    """Replace a layer; weights of the same name and shape (and their slots) are kept.
+    """Replace a layer, keeping weights that fit.
+
+    Weights of the same name and shape (and their slots) are kept.
 
     \b
     Example:

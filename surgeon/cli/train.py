@@ -69,8 +69,9 @@ def _summary(res) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, allow_missing,
                reset_optimizer, strategy, deterministic, as_json):
-    """Restore weights AND optimizer state by canonical name, then keep training.
+    """Keep training with exact optimizer state.
 
+    Weights AND optimizer state are restored by canonical name, then training continues.
     Every weight, optimizer slot, the iteration counter and the learning rate are
     restored (not by Keras' positional loader). A checkpoint that does not fit the model
     is reported in full and nothing runs (exit 2). The data stream skips the batches the

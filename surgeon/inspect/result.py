@@ -80,16 +80,29 @@ class LayerDiff:
     differ: int = 0
     sq_diff: float = 0.0
     sq_a: float = 0.0
+    uncompared: dict = field(default_factory=dict)  # status -> count (added/removed/reshaped)
 
     @property
     def rel_l2(self):
+        """Undefined (None) when a weight of the layer has no B-A (added, removed,
+        reshaped) or the layer's A is zero while B differs."""
+        if self.uncompared:
+            return None
         if self.sq_a == 0:
             return 0.0 if self.sq_diff == 0 else None
         return math.sqrt(self.sq_diff / self.sq_a)
 
+    def why_undefined(self) -> str:
+        """Why ``rel_l2`` is None, e.g. ``"removed"`` or ``"2 reshaped, 1 added"``."""
+        if self.uncompared:
+            if len(self.uncompared) == 1 and sum(self.uncompared.values()) == self.tensors:
+                return next(iter(self.uncompared))
+            return ", ".join(f"{n} {s}" for s, n in self.uncompared.items())
+        return "A is zero" if self.rel_l2 is None else ""
+
     def to_json(self):
         return {"layer": self.layer, "tensors": self.tensors, "differ": self.differ,
-                "rel_l2": finite_or_none(self.rel_l2)}
+                "rel_l2": finite_or_none(self.rel_l2), "uncompared": dict(self.uncompared)}
 
 
 @dataclass
@@ -126,6 +139,8 @@ class DiffResult:
             if t.l2_diff is not None and t.norm_a is not None:
                 ld.sq_diff += t.l2_diff ** 2
                 ld.sq_a += t.norm_a ** 2
+            elif t.status in ("added", "removed", "reshaped"):
+                ld.uncompared[t.status] = ld.uncompared.get(t.status, 0) + 1
         return list(out.values())
 
     def to_json(self) -> dict:
