@@ -8,10 +8,13 @@ the result. May import every library package; nothing imports the cli.
 from __future__ import annotations
 
 import errno
+import json
+import os
 import sys
 
 import click
 
+from surgeon.core.tf import VERBOSE_ENV
 from surgeon.core.errors import SurgeonError
 
 # OSErrors that are the environment's answer, not a bug: one line, exit 2.
@@ -42,13 +45,17 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgeon")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's own start-up and log lines (hidden by default).")
+def main(verbose):
     """surgeon: weight surgery on TensorFlow/Keras checkpoints, optimizer state included.
 
     \b
     Example:
       surgeon ls fixtures/cnn_adam.keras
     """
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 # one module per command group, mirroring the library's packages

@@ -2,6 +2,7 @@
 insert-layer, delete-layer, replace-layer (thin wrappers over ``surgeon.structure``)."""
 from __future__ import annotations
 
+import functools
 import json
 
 import click
@@ -12,17 +13,19 @@ _SLOTS = click.Choice(["follow", "reset"])
 
 
 def _refuse_early(f):
-    """Check the output (not an input, named .keras) before planning: nothing is done first."""
-    import functools
-
+    """Check ``-o`` (given, not an input, named .keras) before planning, which may load
+    TensorFlow (seconds): nothing is done first."""
     @functools.wraps(f)
     def guarded(**kw):
-        if kw.get("output") and not kw.get("dry_run"):
-            from surgeon.core import atomic
-            from surgeon.formats import check_output_name
-            atomic.check_output(kw["output"], [kw["model"]])
-            check_output_name(kw["output"], "keras", what=f"{f.__name__[:-4].replace('_', '-')} "
-                              "writes a Keras model (.keras)")
+        if kw.get("dry_run"):
+            return f(**kw)
+        if not kw.get("output"):
+            raise SurgeonError("-o/--output is required (or pass --dry-run)")
+        from surgeon.core import atomic
+        from surgeon.formats import check_output_name
+        atomic.check_output(kw["output"], [kw["model"]])
+        check_output_name(kw["output"], "keras", what=f"{f.__name__[:-4].replace('_', '-')} "
+                          "writes a Keras model (.keras)")
         return f(**kw)
     return guarded
 

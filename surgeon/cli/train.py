@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from surgeon.core.tf import import_tf
+
 
 def _progress(total, enabled):
     state = {"bar": None}
@@ -84,14 +86,13 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
       surgeon resume fixtures/nested_adamw.weights.h5 --model fixtures/nested_adamw.keras \\
           --data recipes/example_data.py:nested_data --steps 5 -o /tmp/n.weights.h5 --json
     """
-    import os
     from surgeon.train.checkpoint import check_output
     check_output(checkpoint, output, model)  # before TensorFlow loads: nothing else is done
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
     from surgeon.train import resume
+    from surgeon.train.loop import check_arguments
+    check_arguments(checkpoint, data, steps, output, model)  # before TensorFlow loads
     if deterministic:
-        tf.config.experimental.enable_op_determinism()
+        import_tf().config.experimental.enable_op_determinism()
     from surgeon.train import FitError
     try:
         res = resume(checkpoint, data=data, steps=steps, output=output, model=model,

@@ -26,6 +26,10 @@ from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint, open_writer
 from surgeon.core.tree import slot_name
 
+NO_CONFIG = ("{label}: holds no model config; pass --like MODEL.keras or --like "
+             "module:function (or --model for a .weights.h5)")
+# Formats whose reader needs TensorFlow and never holds a model config of its own.
+TF_FORMATS_WITHOUT_CONFIG = ("tf-checkpoint", "saved-model")
 TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
            ".hdf5": "legacy-h5"}
 
@@ -183,8 +187,7 @@ def _source_model(src, like, label):
     if config is None and getattr(src, "model_json", None):
         config = src.model_json
     if not config:
-        raise SurgeonError(f"{label}: holds no model config; pass --like MODEL.keras or "
-                           "--like module:function (or --model for a .weights.h5)")
+        raise SurgeonError(NO_CONFIG.format(label=label))
     keys = ("class_name", "config", "module", "registered_name")
     model, notes = sk.model_from_config({k: config[k] for k in keys if k in config}, label)
     return (model, config.get("compile_config")), notes
@@ -238,6 +241,16 @@ def _fill(src, skel, dst, report, log=None):
         w.finalize()
 
 
+def _check_before_tensorflow(src_path, like, model):
+    """Mistakes found without TensorFlow are reported before it loads (seconds)."""
+    from surgeon.convert.skeleton import check_like
+    from surgeon.formats import detect
+    if like is not None:
+        check_like(like)
+    elif model is None and detect(src_path) in TF_FORMATS_WITHOUT_CONFIG:
+        raise SurgeonError(NO_CONFIG.format(label=src_path))
+
+
 def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, model=None):
     """Convert ``src_path`` to ``dst`` (format from the extension), optimizer state included.
 
@@ -263,6 +276,7 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
     if not dst.parent.exists():
         raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    _check_before_tensorflow(src_path, like, model)
     args = {"source": src_path, "output": dst, "like": like, "optimizer": optimizer,
             "allow_missing": allow_missing, "model": model}
     report = ConvertReport(str(src_path), str(dst), fmt)

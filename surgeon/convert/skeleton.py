@@ -14,6 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
+from surgeon.core.tf import import_keras, import_tf, tf_module
 from surgeon.core.errors import SurgeonError
 
 # Arguments Keras 3 removed, dropped from legacy configs before deserialising.
@@ -99,13 +100,13 @@ def _sequential_input(config, dropped):
 
 def model_from_config(config, label):
     """Deserialise a (legacy or Keras 3) model config; returns (model, notes)."""
-    import keras
-    from keras.src.legacy.saving import saving_utils
     name = find_lambda(config)
     if name:
         raise SurgeonError(f"{label}: model config holds a Lambda layer ({name}) with stored "
                            "Python code, which surgeon never executes; pass --like MODEL.keras "
                            "or --like module:function to give the model structure")
+    keras = import_keras()
+    saving_utils = tf_module("keras.src.legacy.saving.saving_utils")
     config = copy.deepcopy(config)
     dropped = []
     _sequential_input(config, dropped)
@@ -132,9 +133,16 @@ def model_from_config(config, label):
     raise SurgeonError(f"{label}: Keras 3 cannot rebuild the model from its config")
 
 
+def check_like(like):
+    """``--like`` names an existing file or a ``module:function`` (no import)."""
+    if ":" not in str(like) and not Path(like).exists():
+        raise SurgeonError(f"--like {like}: no such file (expected MODEL.keras or module:function)")
+
+
 def model_from_like(like):
     """A Keras model from ``--like``: a ``.keras`` file or ``module:function``."""
-    import keras
+    check_like(like)
+    keras = import_keras()
     if ":" in str(like) and not Path(like).exists():
         mod, _, fn = str(like).partition(":")
         try:
@@ -158,7 +166,7 @@ def model_from_like(like):
 def optimizer_from(class_name, config, label):
     """A Keras 3 optimizer from a (possibly Keras 2) optimizer class and config; (opt, notes)."""
     import inspect
-    import keras
+    keras = import_keras()
     cls = getattr(keras.optimizers, class_name or "", None)
     if cls is None or not isinstance(cls, type):
         raise SurgeonError(f"{label}: optimizer {class_name!r} has no Keras 3 equivalent; "
@@ -182,7 +190,7 @@ def optimizer_from(class_name, config, label):
 
 
 def _loss(loss):
-    import keras
+    keras = import_keras()
     if isinstance(loss, str):
         try:
             fn = keras.losses.get(loss)  # aliases ("mse") -> full names, which every
@@ -218,7 +226,7 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
             model.save(out)
             return out, None
     if fmt == "tf-checkpoint":
-        import tensorflow as tf
+        tf = import_tf()
         objs = {"model": model} | ({"optimizer": model.optimizer} if opt is not None else {})
         return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), None
     raise SurgeonError(f"cannot write format {fmt!r}")

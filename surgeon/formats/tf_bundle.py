@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgeon.core.tf import import_tf, tf_module
 from surgeon.core.errors import FormatError, SurgeonError
 from .tf_v1names import map_names
 
@@ -23,8 +24,7 @@ TABLE_MAGIC = bytes.fromhex("57fb808b247547db")  # leveldb-style table footer ma
 
 
 def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    tf = import_tf()
     return tf
 
 
@@ -103,7 +103,7 @@ def check_files(prefix: str):
     if size < 48 or tail != TABLE_MAGIC:
         raise FormatError(f"{index}: truncated or corrupt checkpoint index (no table footer)")
     try:
-        from tensorflow.core.protobuf import tensor_bundle_pb2
+        tensor_bundle_pb2 = tf_module("tensorflow.core.protobuf.tensor_bundle_pb2")
         shared, pos = _varint(head, 0)
         unshared, pos = _varint(head, pos)
         vlen, pos = _varint(head, pos)
@@ -145,7 +145,8 @@ class BundleReader:
     def _map(self):
         if GRAPH_KEY not in self.keys:
             return map_names(self.keys)
-        from tensorflow.core.protobuf import trackable_object_graph_pb2
+        trackable_object_graph_pb2 = tf_module(
+            "tensorflow.core.protobuf.trackable_object_graph_pb2")
         from .tf_objgraph import Graph, map_graph
         proto = trackable_object_graph_pb2.TrackableObjectGraph()
         try:
@@ -162,7 +163,7 @@ class BundleReader:
     def _saved_nodes(self):
         if self.saved_model_dir is None:
             return None
-        from tensorflow.core.protobuf import saved_model_pb2
+        saved_model_pb2 = tf_module("tensorflow.core.protobuf.saved_model_pb2")
         pb = Path(self.saved_model_dir) / "saved_model.pb"
         sm = saved_model_pb2.SavedModel()
         try:

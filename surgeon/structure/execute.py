@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from surgeon.core.tf import import_keras
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint, open_writer
 from .plan import apply_steps, identity_init
 
 
 def _build_skeleton(plan, with_optimizer, path):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    keras = import_keras()
     cfg = json.loads(json.dumps(plan.config))
     cfg["compile_config"] = plan.compile_config if with_optimizer else None
     try:

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
+from surgeon.core.tf import import_keras
 from surgeon.core.errors import SurgeonError
 
 
 def keras_output_shapes(model_json: dict, label) -> dict:
     """{layer name: output shape tuple} of the model described by ``model_json``."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    keras = import_keras()
     cfg = copy.deepcopy(model_json)
     cfg["compile_config"] = None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgeon.core.tf import import_keras, tf_module
 from surgeon.core.errors import SurgeonError
 
 
@@ -28,9 +29,9 @@ def _config_of(reader, model_spec):
 
 
 def _from_config(cfg, custom_objects=None, safe_mode=True):
-    import keras
+    keras = import_keras()
     try:
-        from keras.src.saving.serialization_lib import ObjectSharingScope
+        ObjectSharingScope = tf_module("keras.src.saving.serialization_lib").ObjectSharingScope
     except ImportError:  # pragma: no cover - older Keras
         from contextlib import nullcontext as ObjectSharingScope
     if not cfg.get("compile_config"):

@@ -13,10 +13,11 @@ Importing this module imports Keras.
 """
 from __future__ import annotations
 
-import keras
-
+from surgeon.core.tf import import_keras, import_tf
 from surgeon.train.edits import EditProgram, as_edits
 from surgeon.train.mapping import map_model
+
+keras = import_keras()
 
 
 class RecipeCallback(keras.callbacks.Callback):
@@ -48,7 +49,7 @@ class RecipeCallback(keras.callbacks.Callback):
 
         def train_step(data):
             out = original(data)
-            import tensorflow as tf
+            tf = import_tf()
             ctx = tf.distribute.get_replica_context()
             if ctx is not None and tf.distribute.has_strategy():
                 ctx.merge_call(lambda _strategy: edit())
@@ -61,7 +62,7 @@ class RecipeCallback(keras.callbacks.Callback):
 
     @staticmethod
     def _in_graph_edit(optimizer, program, every):
-        import tensorflow as tf
+        tf = import_tf()
 
         def run():
             program.run(optimizer.iterations)

@@ -13,18 +13,27 @@ import inspect
 import sys
 from pathlib import Path
 
+from surgeon.core.tf import import_tf
 from surgeon.core.errors import SurgeonError
+
+
+def check_spec(spec: str, what: str = "--data"):
+    """(module part, function name, path or None) of ``spec``; no import (cheap)."""
+    if ":" not in spec:
+        raise SurgeonError(f"{spec}: {what} expects MODULE:FUNCTION (module may be a .py path)")
+    mod_part, func_name = spec.rsplit(":", 1)
+    if not (mod_part.endswith(".py") or "/" in mod_part):
+        return mod_part, func_name, None
+    path = Path(mod_part)
+    if not path.exists():
+        raise SurgeonError(f"{spec}: {what}: no such file {path}")
+    return mod_part, func_name, path
 
 
 def load_callable(spec: str, what: str = "--data"):
     """``pkg.module:function`` or ``path/to/file.py:function`` -> the function."""
-    if ":" not in spec:
-        raise SurgeonError(f"{spec}: {what} expects MODULE:FUNCTION (module may be a .py path)")
-    mod_part, func_name = spec.rsplit(":", 1)
-    if mod_part.endswith(".py") or "/" in mod_part:
-        path = Path(mod_part)
-        if not path.exists():
-            raise SurgeonError(f"{spec}: {what}: no such file {path}")
+    mod_part, func_name, path = check_spec(spec, what)
+    if path is not None:
         name = f"surgeon_user_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader_spec)
@@ -57,7 +66,7 @@ def call_data_fn(fn, seed=None):
 
 def as_dataset(data, batch_size=None):
     """A batched ``tf.data.Dataset`` from a dataset or numpy ``(x, y[, w])``."""
-    import tensorflow as tf
+    tf = import_tf()
     if isinstance(data, tf.data.Dataset):
         return data
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):

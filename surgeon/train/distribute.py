@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from surgeon.core.tf import import_tf
 from surgeon.core.errors import SurgeonError
 
 
@@ -16,7 +17,7 @@ def make_strategy(name: str):
 
     Make one per process and reuse it: two MirroredStrategy objects in one process reuse
     collective instance keys, and their all-reduces collide."""
-    import tensorflow as tf
+    tf = import_tf()
     if name in ("default", "none", ""):
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -38,7 +39,7 @@ def is_chief(strategy) -> bool:
 
 def logical_cpus(n: int):
     """Split the CPU into ``n`` logical devices; call before TensorFlow initialises."""
-    import tensorflow as tf
+    tf = import_tf()
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])

@@ -14,6 +14,7 @@ import fnmatch
 import re
 import zlib
 
+from surgeon.core.tf import import_tf
 from surgeon.core.errors import RecipeError
 
 SECOND_MOMENT = {"velocity", "velocity_hat", "accumulator", "accumulated_grad",
@@ -56,7 +57,7 @@ class Zero(Edit):
     name, default_slots = "zero", "reset"
 
     def transform(self, w, ctx):
-        import tensorflow as tf
+        tf = import_tf()
         return tf.zeros_like(w), None, None
 
 
@@ -84,7 +85,7 @@ class Clip(Edit):
         self.lo, self.hi, self.max_norm = min, max, max_norm
 
     def transform(self, w, ctx):
-        import tensorflow as tf
+        tf = import_tf()
         new = w
         if self.lo is not None:
             new = tf.maximum(new, tf.cast(self.lo, w.dtype))
@@ -107,7 +108,7 @@ class Mask(Edit):
         self.sparsity, self.mask = sparsity, mask
 
     def transform(self, w, ctx):
-        import tensorflow as tf
+        tf = import_tf()
         if self.mask is not None:
             keep = tf.constant(self.mask, dtype=tf.bool)
         else:  # exactly round(sparsity * n) smallest |w| pruned, stable order (as surgeon.ops.mask)
@@ -133,7 +134,7 @@ class Noise(Edit):
         self.std, self.seed, self.relative = float(std), int(seed), bool(relative)
 
     def transform(self, w, ctx):
-        import tensorflow as tf
+        tf = import_tf()
         std = self.std * tf.math.reduce_std(w) if self.relative else self.std
         return w + std * ctx.normal(w, self.seed), None, None
 
@@ -201,7 +202,7 @@ class _Ctx:
         self.step, self.name = step, name
 
     def normal(self, w, seed):
-        import tensorflow as tf
+        tf = import_tf()
         key = zlib.crc32(self.name.encode()) & 0x7FFFFFFF
         s = tf.stack([tf.constant(seed * 1_000_003 + key, tf.int64),
                       tf.cast(self.step, tf.int64)])
@@ -243,7 +244,7 @@ class EditProgram:
 
 
 def _apply_slot_policy(policy, slot, svar, touched, scale):
-    import tensorflow as tf
+    tf = import_tf()
     if policy == "keep":
         return
     s = svar.value if hasattr(svar, "value") else svar

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgeon.core.tf import import_keras, import_tf, tf_module
 from surgeon.core.errors import SurgeonError
 
 
@@ -45,9 +46,10 @@ class ResumeResult:
 
 def make_train_step(model, strategy, masks=None, program=None, jit_compile=False):
     """A compiled ``step(iterator, edit: bool) -> mean loss`` for ``model``."""
-    import tensorflow as tf
-    from keras.src.losses.loss import unscale_loss_for_distribution
-    from keras.utils import unpack_x_y_sample_weight
+    tf = import_tf()
+    unscale_loss_for_distribution = tf_module(
+        "keras.src.losses.loss").unscale_loss_for_distribution
+    unpack_x_y_sample_weight = import_keras().utils.unpack_x_y_sample_weight
 
     optimizer = model.optimizer
     tvars = model.trainable_variables
@@ -78,7 +80,7 @@ def make_train_step(model, strategy, masks=None, program=None, jit_compile=False
 
 
 def _strategy(strategy):
-    import tensorflow as tf
+    tf = import_tf()
     if strategy is None:
         return tf.distribute.get_strategy()
     if isinstance(strategy, str):
@@ -89,7 +91,7 @@ def _strategy(strategy):
 
 def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
              seed, edits, edit_every, masks):
-    import keras
+    keras = import_keras()
     from . import mapping, masks as masks_mod, restore
     from .edits import EditProgram, as_edits
 
@@ -119,7 +121,7 @@ def _open(checkpoint, model, strategy, custom_objects):
     import json
     import os
     import tempfile
-    import keras
+    keras = import_keras()
     from surgeon.formats import open_checkpoint
     from . import build
     if model is None or str(checkpoint).endswith(".keras") or _reader_model(checkpoint, model):
@@ -171,6 +173,28 @@ def _multiworker(strategy):
     return getattr(strategy, "cluster_resolver", None) is not None
 
 
+def check_arguments(checkpoint, data, steps, output=None, model=None):
+    """The checks that need no TensorFlow, done before importing it (mistakes fail fast)."""
+    from surgeon.formats import detect
+    from .data import check_spec
+    if steps < 0:
+        raise SurgeonError(f"steps must be >= 0, got {steps}")
+    detect(checkpoint)  # a missing or unknown checkpoint
+    if isinstance(data, str):
+        check_spec(data)
+    if isinstance(model, (str, Path)) and Path(model).suffix in (".keras", ".json") \
+            and not Path(model).exists():
+        raise SurgeonError(f"--model {model}: no such file")
+    if output is None:
+        return
+    out = Path(str(output))
+    if "{iteration}" not in str(out.parent) and not out.parent.exists():
+        raise SurgeonError(f"{out}: output directory {out.parent} does not exist")
+    ck = Path(str(checkpoint))
+    if out.exists() and ck.exists() and out.resolve() == ck.resolve():
+        raise SurgeonError(f"{out}: output is the input; choose another output path")
+
+
 def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed=None,
            allow_missing=False, reset_optimizer=False, batch_size=None, edits=None,
            edit_every=1, strategy=None, custom_objects=None, skip_consumed=True,
@@ -203,8 +227,7 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
         >>> resume("fixtures/cnn_adam.keras", data="recipes/example_data.py:cnn_data",
         ...        steps=5, output="/tmp/cnn_more.keras")
     """
-    if steps < 0:
-        raise SurgeonError(f"steps must be >= 0, got {steps}")
+    check_arguments(checkpoint, data, steps, output if write else None, model)
     from . import checkpoint as ckpt
     if write:
         ckpt.check_output(checkpoint, output, model)  # before any work

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from surgeon.core.tf import tf_module
 from surgeon.binding import optimizers
 from surgeon.core.errors import BindingError
 from surgeon.core.tree import slot_name
@@ -29,7 +30,7 @@ class VarMap:
 
 
 def _recording_store():
-    from keras.src.saving import saving_lib
+    saving_lib = tf_module("keras.src.saving.saving_lib")
 
     class Recorder(saving_lib.H5IOStore):
         """Stands in for the H5 store: records what Keras would save, and where."""
@@ -64,7 +65,7 @@ def _canonical_layer(path, names):
 
 def model_variables(model) -> tuple[dict, dict]:
     """({canonical name: Variable}, {storage key: canonical name}) for ``model``."""
-    from keras.src.saving import saving_lib
+    saving_lib = tf_module("keras.src.saving.saving_lib")
     store = _recording_store()
     skip = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
     saving_lib._save_state(model, store, None, "", skip)

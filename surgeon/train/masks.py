@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from surgeon.core.tf import import_tf
+
 PREFIX = "surgeon/masks/"
 
 
@@ -34,7 +36,7 @@ class MaskSet:
     """Masks bound to live variables (created under the strategy scope)."""
 
     def __init__(self, masks: dict, varmap):
-        import tensorflow as tf
+        tf = import_tf()
         self.by_index, self.bound = {}, []
         for name, m in masks.items():
             var = varmap.model.get(name)
@@ -53,7 +55,7 @@ class MaskSet:
 
     def mask_grads(self, grads):
         """Zero the gradients of pruned elements (replica context)."""
-        import tensorflow as tf
+        tf = import_tf()
         out = list(grads)
         for i, keep in self.by_index.items():
             if out[i] is not None:
@@ -62,7 +64,7 @@ class MaskSet:
 
     def project(self):
         """Pruned weights and their slots to exactly zero (cross-replica context)."""
-        import tensorflow as tf
+        tf = import_tf()
         for var, keep, slots in self.bound:
             for v in [var] + slots:
                 val = v.value if hasattr(v, "value") else v
