@@ -361,7 +361,9 @@ def test_refused_before_any_work(tmp_path):
         "    except SystemExit as exc:\n"
         "        codes.append(exc.code)\n"
         "print(json.dumps({'codes': codes, 'tf': 'tensorflow' in sys.modules}))\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    import surgeon
+    code = os.path.dirname(os.path.dirname(surgeon.__file__))  # the surgeon under test
+    env = dict(os.environ, PYTHONPATH=code, TF_CPP_MIN_LOG_LEVEL="3")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
