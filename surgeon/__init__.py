@@ -10,19 +10,19 @@ Public API (TensorFlow is imported only by the functions that need it):
   state included.
 - ``resume(checkpoint, data=..., steps=..., output=...)``: optimizer-consistent training.
 """
-from .errors import SurgeonError
-from .formats import detect, open_checkpoint, open_writer
-from .tree import Entry, OptimizerInfo
+from surgeon.core import __version__
+from surgeon.core.errors import SurgeonError
+from surgeon.core.tree import Entry, OptimizerInfo
+from surgeon.formats import detect, open_checkpoint, open_writer
 
-__version__ = "0.1.0"
 __all__ = ["open_checkpoint", "open_writer", "detect", "Entry", "OptimizerInfo", "SurgeonError",
            "load_recipe", "apply", "diff_checkpoints", "audit_checkpoint", "convert_checkpoint", "resume"]
 
 # public name -> (module, attribute); module names differ from function names on purpose
-# (``surgeon.audit`` is a submodule, so the function is ``audit_checkpoint``).
-_LAZY = {"load_recipe": ("recipe.loader", "load_recipe"), "apply": ("execute", "apply"),
-         "diff_checkpoints": ("diff", "diff_checkpoints"),
-         "audit_checkpoint": ("audit", "audit_checkpoint"),
+# (``surgeon.inspect.audit`` is a module, so the function is ``audit_checkpoint``).
+_LAZY = {"load_recipe": ("recipe.loader", "load_recipe"), "apply": ("recipe.execute", "apply"),
+         "diff_checkpoints": ("inspect.diff", "diff_checkpoints"),
+         "audit_checkpoint": ("inspect.audit", "audit_checkpoint"),
          "convert_checkpoint": ("convert", "convert"), "resume": ("train", "resume")}
 
 

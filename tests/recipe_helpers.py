@@ -3,7 +3,7 @@ import numpy as np
 
 from conftest import fixture, load_keras_model
 import surgeon
-from surgeon.execute import apply
+from surgeon.recipe.execute import apply
 from surgeon.recipe import recipe
 
 

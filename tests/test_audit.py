@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import COMBOS, FIXTURES, fixture, realworld, run_cli
-from surgeon.audit import CODES, audit_path
+from surgeon.inspect.audit import CODES, audit_path
 
 AUDIT = FIXTURES / "audit"
 MODEL = fixture("cnn_adam.keras")
@@ -92,7 +92,8 @@ def test_messages_of_value_findings():
         msgs[name] = [f["message"] for f in _audit(AUDIT / name)[1]["findings"]]
     assert msgs["dead_unit.keras"] == ["1 of 4 output units are all zero (index 2)"]
     assert msgs["exploding.keras"][0].startswith("RMS x sqrt(fan-in 6) = 1.04e+03")
-    assert msgs["moments_reset.keras"][0].startswith("slots momentum, velocity are all zero while iteration=10000")
+    assert msgs["moments_reset.keras"][0].startswith(
+        "second moments (velocity) are all zero while iteration=10000")
     assert len(msgs["slot_on_frozen.keras"]) == 2
     assert msgs["slot_shape.keras"] == ["optimizer/vars/4 (slot momentum of conv1/bias by position) has shape "
                                         "(5,), the param (4,); Keras skips the whole optimizer"]

@@ -7,7 +7,7 @@ After each kill: the input is byte-identical, and the target is absent or a comp
 checkpoint whose every tensor equals the uninterrupted run's. After the next successful
 run no ``*.surgeon-tmp*`` file is left in the directory (killed runs' temps are named
 ``.<target>.<host>-<pid>.<random>.surgeon-tmp`` and the next successful write of the same
-target removes those whose process is gone; see surgeon/atomic.py).
+target removes those whose process is gone; see surgeon/core/atomic.py).
 """
 import hashlib
 import os
@@ -145,7 +145,7 @@ def test_sigkill_during_apply(tower, tmp_path, fmt):
 
 def test_stale_temps_of_other_targets_and_live_processes_are_kept(tmp_path):
     """Cleanup only removes the same target's temps whose process is gone."""
-    from surgeon import atomic
+    from surgeon.core import atomic
     target = tmp_path / "a.keras"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -292,8 +292,8 @@ def test_output_equal_to_input_is_refused(tower, tmp_path):
 
 def test_library_apply_raises_write_error_on_full_disk(tower, tmp_path):
     import dataclasses
-    from surgeon.errors import WriteError
-    from surgeon.execute import apply
+    from surgeon.core.errors import WriteError
+    from surgeon.recipe.execute import apply
     from surgeon.recipe.loader import load_recipe
     small = tmp_path / "small"
     if not _mount_tmpfs(small, "size=4m"):

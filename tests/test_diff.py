@@ -9,7 +9,8 @@ import pytest
 
 from conftest import COMBOS, ROOT, fixture, run_cli
 from surgeon import open_checkpoint, open_writer
-from surgeon.diff import diff_checkpoints, diff_paths, iter_chunks
+from surgeon.inspect.diff import diff_checkpoints, diff_paths
+from surgeon.inspect.stream import iter_chunks
 
 BASE = "cnn_adam.keras"
 
@@ -269,7 +270,7 @@ def test_recipe_edit_reports_exactly_the_edited_tensors(applied):
 
 
 def test_audit_of_pruned_recipe_outputs(applied):
-    from surgeon.audit import audit_path
+    from surgeon.inspect.audit import audit_path
     codes = {f.code for f in audit_path(applied["prune_magnitude"]).findings}
     assert not codes & {"masked-moments", "masked-nonzero"}
     kept = [f for f in audit_path(applied["prune_keep"]).findings if f.code == "masked-moments"]

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, fixture, run_cli
 from surgeon import open_checkpoint, open_writer
-from surgeon.report import PLOT_SIZE
+from surgeon.inspect.report import PLOT_SIZE
 
 BASE = "cnn_adam.keras"
 

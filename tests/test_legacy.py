@@ -228,7 +228,7 @@ def test_canonical_names(layer, cls, cfg, wname, want):
 def test_positional_order_decided_by_version_or_unresolved(version, bound):
     """Four same-shaped params: model order and name order both fit the shapes. Keras 2.0
     sorted by name, 2.2 kept model order; for 2.1 surgeon does not know, so it refuses."""
-    from surgeon import legacy_binding as lb
+    from surgeon.binding import legacy as lb
     params = [lb.Param(f"{n}/kernel", f"{n}/kernel:0", (2, 2)) for n in ("z", "a", "m", "b")]
     weights = [lb.OptWeight(0, "iterations:0", ())] + [
         lb.OptWeight(i + 1, f"Variable_{i}:0", (2, 2)) for i in range(8)]

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import ROOT, fixture, load_keras_model, run_cli
 from recipe_helpers import keras_loads_and_trains, read_all
-from surgeon.errors import RecipeError
-from surgeon.execute import apply
-from surgeon.provenance import read_log
+from surgeon.core.errors import RecipeError
+from surgeon.recipe.execute import apply
+from surgeon.formats.provenance import read_log
 from surgeon.recipe import apply_overrides, load_recipe
 
 CNN = fixture("cnn_adam.keras")
@@ -76,7 +76,7 @@ BAD = [
      "r.py:7: op 'rescale': head/kernel is already written by op 'zero' (" ),
     (f"transfer({str(fixture('recipe/cnn5_fresh.keras'))!r}),",
      "r.py:6: op 'transfer': 2 shape mismatch(es), first: head/kernel 6x5 -> head/kernel 6x3; "
-     "set on_mismatch to skip, slice, pad or reinit"),
+     "use on_mismatch='slice' (keeps the source's leading block)"),
     ("rename('head/kernel', to='top/kernel'),", "r.py:6: op 'rename': not possible for format 'keras'"),
     ("delete('head/*'),", "r.py:6: op 'delete': not possible for format 'keras'"),
     ("zero('head/*', slots='follow'),", "r.py:6: op 'zero': slot policy 'follow' is not available"),

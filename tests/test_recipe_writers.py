@@ -9,9 +9,9 @@ import pytest
 
 from conftest import fixture, load_keras_model
 from recipe_helpers import read_all
-from surgeon.execute import apply
+from surgeon.recipe.execute import apply
 from surgeon.formats.keras_patch import CrcTrackingFile, crc32_combine, crc32_zeros
-from surgeon.provenance import read_log
+from surgeon.formats.provenance import read_log
 from surgeon.recipe import mask, recipe, reinit, rescale
 
 

@@ -319,7 +319,7 @@ def test_cli_help_has_example():
 
 def test_split_resume_through_format_conversion(tmp_path):
     """k steps, ``surgeon convert`` to a legacy Keras .h5, resume N-k: same bits as N steps."""
-    pytest.importorskip("surgeon.cli_convert")
+    pytest.importorskip("surgeon.cli.convert")
     src = fixture("cnn_rmsprop.keras")
     run(src, 4, tmp_path / "ck_{iteration}.keras", every=2)  # ck_5, ck_7
     r = run_cli("convert", tmp_path / "ck_5.keras", tmp_path / "ck_5_legacy.h5")

@@ -38,7 +38,7 @@ def example_data():
 
 def test_recipe_mask_survives_resume(tmp_path):
     """A mask written by the recipe engine's ``mask`` op is honoured by resume."""
-    pytest.importorskip("surgeon.cli_apply")
+    pytest.importorskip("surgeon.cli.recipe")
     pruned = tmp_path / "pruned.keras"
     recipe = tmp_path / "prune.py"
     recipe.write_text(

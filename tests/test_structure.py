@@ -267,13 +267,13 @@ def test_cli_writes_and_reports(out_dir):
 
 
 def test_every_command_has_help_example():
-    from surgeon.cli_tools import COMMANDS
+    from surgeon.cli.structure import COMMANDS
     for cmd in COMMANDS:
         assert "Example" in cmd.help and "surgeon " in cmd.help, cmd.name
 
 
 def test_diff_reports_reshaped_and_equal(made):
-    pytest.importorskip("surgeon.cli_diff")
+    pytest.importorskip("surgeon.cli.inspect")
     _, out = made("widen_mlp_fc1", S.plan_widen, "mlp_adam", layer="fc1", to=13)
     r = run_cli("diff", src("mlp_adam"), out, "--json")
     doc = json.loads(r.output)

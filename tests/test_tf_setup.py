@@ -3,7 +3,7 @@
 * A native crash (TensorFlow's oneDNN SIGSEGV on AVX-512/AMX Xeons) fails one test, not the
   whole run (pytest-xdist worker, configured in pyproject.toml).
 * oneDNN is off for the test session and in surgeon (unless the user set the variable).
-* Every TensorFlow/Keras import in surgeon goes through ``surgeon/_tf.py``.
+* Every TensorFlow/Keras import in surgeon goes through ``surgeon/core/tf.py``.
 * Commands print nothing of TensorFlow's by default; ``--verbose`` shows it.
 * Mistakes that need no TensorFlow are reported before it loads.
 """
@@ -85,13 +85,13 @@ def _direct_tf_imports(path):
 
 def test_surgeon_imports_tensorflow_only_through_its_helper():
     """Else the oneDNN/quiet settings would depend on which module happens to load TF first."""
-    found = [hit for p in sorted(SURGEON.rglob("*.py")) if p.name != "_tf.py"
+    found = [hit for p in sorted(SURGEON.rglob("*.py")) if p.relative_to(SURGEON).as_posix() != "core/tf.py"
              for hit in _direct_tf_imports(p)]
     assert found == [], "\n".join(found)
 
 
 def test_a_users_own_onednn_setting_wins():
-    from surgeon._tf import configure_env
+    from surgeon.core.tf import configure_env
     assert configure_env({})["TF_ENABLE_ONEDNN_OPTS"] == "0"
     assert configure_env({"TF_ENABLE_ONEDNN_OPTS": "1"})["TF_ENABLE_ONEDNN_OPTS"] == "1"
 
@@ -144,7 +144,7 @@ def test_a_failing_tensorflow_import_is_not_silenced(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os\nos.write(2, b'native: cannot load libtensorflow\\n')\n"
                                       "raise ImportError('broken tensorflow')\n")
-    code = "from surgeon._tf import import_tf\nimport_tf()"
+    code = "from surgeon.core.tf import import_tf\nimport_tf()"
     env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=60)

@@ -1,9 +1,14 @@
-"""Format detection and the reader/writer registry (one module per on-disk format)."""
+"""formats: every on-disk checkpoint format, one module (reader and writer side by side) per
+format behind the same small protocol, mapping native keys to canonical names and back;
+this ``__init__`` detects a file's format in one place and holds the registry
+(``open_checkpoint``, ``open_writer``). Speaks numpy; TensorFlow only inside the TF modules,
+imported lazily. May import core and binding; nothing above (no recipe, ops or inspect).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import FormatError, SurgeonError
+from surgeon.core.errors import FormatError, SurgeonError
 
 SUPPORTED = (".keras (Keras 3 model), .weights.h5 (Keras 3 weights), "
              ".weights.json (Keras 3 sharded weights), .h5/.hdf5 (legacy Keras 2/tf.keras), "
@@ -102,18 +107,77 @@ def open_checkpoint(path, model=None):
     """
     fmt = detect(path)
     module, opener, _ = _module(fmt)
-    return getattr(module, opener)(path, model=model)
+    from surgeon.core import atomic
+    inputs = [path] + ([model] if model is not None else [])
+    tokens = [atomic.protect(p) for p in inputs]  # no write may touch it while it is open
+    try:
+        reader = getattr(module, opener)(path, model=model)
+    except BaseException:
+        for t in tokens:
+            atomic.release(t)
+        raise
+    _release_on_close(reader, tokens)
+    return reader
+
+
+def _release_on_close(reader, tokens):
+    """Unregister the reader's inputs when it is closed (or garbage-collected)."""
+    import weakref
+
+    from surgeon.core import atomic
+    close = reader.close
+
+    def closing():
+        try:
+            close()
+        finally:
+            for t in tokens:
+                atomic.release(t)
+    reader.close = closing
+    weakref.finalize(reader, lambda: [atomic.release(t) for t in tokens])
+
+
+# The format an output's name announces; a writer never produces anything else.
+_NAMED = ((".weights.json", "keras-weights-sharded"), (".weights.h5", "keras-weights-h5"),
+          (".keras", "keras"), (".h5", "legacy-h5"), (".hdf5", "legacy-h5"),
+          (".ckpt", "tf"), (".index", "tf"))
+_FAMILY = {"tf-checkpoint": "tf", "saved-model": "tf"}
+_SAY = {"keras-weights-sharded": "a Keras sharded weights index (.weights.json)",
+        "keras-weights-h5": "Keras 3 weights (.weights.h5)", "keras": "a Keras model (.keras)",
+        "legacy-h5": "a legacy Keras H5 (.h5)", "tf": "a TF checkpoint (prefix or directory)"}
+
+
+def name_format(path) -> str | None:
+    """The format ``path``'s name announces (``tf`` for TF prefixes), None when it says none."""
+    name = Path(str(path).rstrip("/")).name.lower()
+    return next((fmt for ext, fmt in _NAMED if name.endswith(ext)), None)
+
+
+def check_output_name(target, fmt, like_path=None, what=None) -> None:
+    """Refuse to write ``fmt`` content under a name announcing another format.
+
+    An output named like its input (``like_path``) is accepted (the same convention)."""
+    said, family = name_format(target), _FAMILY.get(fmt, fmt)
+    if said is None or said == family:
+        return
+    if like_path is not None and name_format(like_path) == said:
+        return
+    what = what or f"this command writes the input's format, {_SAY.get(family, family)}"
+    ext = {"tf": "TF checkpoint"}.get(family) or next((e for e, f in _NAMED if f == family), family)
+    raise SurgeonError(f"{target}: the name says {_SAY[said]} but {what}; write a {ext}, "
+                       f"then `surgeon convert` it to {Path(str(target)).name}")
 
 
 def open_writer(target, like):
     """A writer producing ``target`` in the same format as reader ``like``, losslessly:
     every tensor not written is copied as stored. Use as a context manager and call
     ``finalize()``; on error nothing appears at ``target``."""
+    from surgeon.core import atomic
     target = Path(target)
     if not target.parent.exists():
         raise SurgeonError(f"{target}: output directory {target.parent} does not exist")
-    if target.exists() and target.resolve() == Path(like.path).resolve():
-        raise SurgeonError(f"{target}: output is the input; choose another output path")
+    atomic.check_output(target, [like.path])
+    check_output_name(target, like.format, like.path)
     module, _, writer = _module(like.format)
     if writer is None:
         from .keras_h5 import KerasH5Writer

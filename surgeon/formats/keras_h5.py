@@ -7,8 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import FormatError, SurgeonError, WriteError
-from .. import atomic
+from surgeon.core.errors import FormatError, SurgeonError, WriteError
+from surgeon.core import atomic
 from . import keras_layout
 from .h5tree import Node, check_dataset, snapshot
 
@@ -75,6 +75,7 @@ class KerasH5Reader:
         cfg = model_json.get("config") if with_config else None
         root = keras_layout.build_objects(self._root, "", "", cls, cfg,
                                           (cfg or {}).get("trainable", True), with_config)
+        self._objects = root if with_config else None  # for the --model fit check
         entries, trainable, candidates, certain = keras_layout.layer_entries(self._root, root, with_config)
         opt_cfg = ((model_json or {}).get("compile_config") or {}).get("optimizer")
         if isinstance(opt_cfg, str):
@@ -173,8 +174,19 @@ def read_model_json(model) -> dict | None:
         raise FormatError(f"{model}: not a JSON model config: {exc}") from None
 
 
+def _fitted(reader, model):
+    """``reader`` when ``model`` fits its weights; else closed, with the first mismatch."""
+    from . import model_fit
+    try:
+        model_fit.check(reader, model, getattr(reader, "_objects", None))
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
 def open_weights_h5(path, model=None):
-    return KerasH5Reader(path, [open_h5(path, str(path))], read_model_json(model))
+    return _fitted(KerasH5Reader(path, [open_h5(path, str(path))], read_model_json(model)), model)
 
 
 def open_sharded(path, model=None):
@@ -196,7 +208,7 @@ def open_sharded(path, model=None):
     r = KerasH5Reader(path, files, read_model_json(model))
     r.format = "keras-weights-sharded"
     r.shard_names = names
-    return r
+    return _fitted(r, model)
 
 
 class KerasH5Writer:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import binding, layers, optimizers
-from ..tree import Entry, OptimizerInfo, slot_name
+from surgeon.binding import keras3 as binding, layers, optimizers
+from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 from .h5tree import DS, Node
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .. import atomic
-from ..errors import WriteError
+from surgeon.core import atomic
+from surgeon.core.errors import WriteError
 from .window import Window
 from .keras_zip import WEIGHTS, _data_offset
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import atomic
+from surgeon.core import atomic
 from .keras_h5 import KerasH5Writer
 
 

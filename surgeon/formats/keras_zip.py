@@ -17,8 +17,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from ..errors import FormatError, SurgeonError, WriteError
-from .. import atomic
+from surgeon.core.errors import FormatError, SurgeonError, WriteError
+from surgeon.core import atomic
 from .window import Window, WritableWindow
 from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5
 

@@ -15,9 +15,9 @@ import json
 
 import numpy as np
 
-from .. import layers, legacy_binding
-from ..errors import FormatError
-from ..tree import Entry, OptimizerInfo, slot_name
+from surgeon.binding import layers, legacy as legacy_binding
+from surgeon.core.errors import FormatError
+from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 from .h5tree import DS, Node
 from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5, read_model_json
 
@@ -123,7 +123,9 @@ class LegacyH5Reader(KerasH5Reader):
     def _build(self, model_json):
         root, label = self._root, self.label
         self.keras_version = _text(root.attrs.get("keras_version", "")) or None
-        self.model_config = _json_attr(root, "model_config", label) or model_json
+        own = _json_attr(root, "model_config", label)
+        self._own_config = own is not None
+        self.model_config = own or model_json
         self.training_config = _json_attr(root, "training_config", label)
         self.full_model = "model_weights" in root
         wroot = root["model_weights"] if self.full_model else root
@@ -230,7 +232,15 @@ def _dtype(ds) -> str:
 
 def open_legacy_h5(path, model=None):
     """Open a legacy Keras H5 file; ``model`` (``.keras``/``config.json``) helps weights-only files."""
-    return LegacyH5Reader(path, [open_h5(path, str(path))], read_model_json(model))
+    reader = LegacyH5Reader(path, [open_h5(path, str(path))], read_model_json(model))
+    if model is not None and reader.model_config is not None:
+        from . import model_fit
+        try:
+            model_fit.check_legacy(reader, model)
+        except BaseException:
+            reader.close()
+            raise
+    return reader
 
 
 class LegacyH5Writer(KerasH5Writer):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._tf import import_tf, tf_module
-from ..errors import FormatError, SurgeonError
+from surgeon.core.tf import import_tf, tf_module
+from surgeon.core.errors import FormatError, SurgeonError
 from .tf_v1names import map_names
 
 GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"

@@ -8,14 +8,15 @@ beside the target and moved into place at ``finalize()``; a SavedModel's other f
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .. import atomic
-from ..errors import SurgeonError, WriteError
+from surgeon.core import atomic
+from surgeon.core.errors import SurgeonError, WriteError
 from .tf_bundle import _one_line, _tf
 
 PART_BYTES = 256 << 20  # flush pending tensors into a part once they exceed this
@@ -39,8 +40,8 @@ class BundleWriter:
         if self.kind == "prefix" and target.endswith(".index"):
             target = target[: -len(".index")]
         self.target = target
-        if self.kind == "prefix" and os.path.abspath(target) == os.path.abspath(like.prefix):
-            raise SurgeonError(f"{target}: output is the input; choose another output path")
+        for path in _output_files(target, self.kind):
+            atomic.check_output(path, [like.path])
         parent = os.path.dirname(os.path.abspath(target)) if self.kind == "prefix" \
             else os.path.dirname(os.path.abspath(target.rstrip("/")))
         if not os.path.isdir(parent):
@@ -145,6 +146,8 @@ class BundleWriter:
         data = [f for f in new if not f.endswith(".index")]
         for f in data + [base + ".index"]:
             src = os.path.join(folder, f)
+            atomic.check_output(self.target + f[len(base):])
+            atomic.publish_mode(src, self.target + f[len(base):])
             _fsync(src)
             os.replace(src, self.target + f[len(base):])
         keep = {os.path.abspath(self.target + f[len(base):]) for f in data}
@@ -158,6 +161,8 @@ class BundleWriter:
 
     def _place_dir(self, out):
         target = self.target.rstrip("/")
+        atomic.check_output(target)
+        atomic.publish_mode(out, target)
         old = None
         if os.path.lexists(target):
             if not os.path.isdir(target):
@@ -178,6 +183,15 @@ class BundleWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is not None and not self._done:
             self.abort()
+
+
+def _output_files(target, kind):
+    """What writing ``target`` replaces: a prefix's index and data files, or the directory."""
+    if kind != "prefix":
+        return [target.rstrip("/")]
+    folder, base = os.path.split(os.path.abspath(target))
+    data = sorted(Path(folder).glob(glob.escape(base) + ".data-*")) if os.path.isdir(folder) else []
+    return [target, target + ".index", *map(str, data)]
 
 
 def _fsync(path):

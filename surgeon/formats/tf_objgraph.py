@@ -20,7 +20,7 @@ import json
 import re
 from collections import deque
 
-from ..tree import Entry, OptimizerInfo, slot_name
+from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 from .tf_v1names import NON_TRAINABLE, Mapping
 
 VALUE = "VARIABLE_VALUE"
@@ -220,7 +220,7 @@ def map_graph(g: Graph) -> Mapping:
         s, gl, storage = _keras3_slots(g, opt)
         cls = None
         if storage:
-            from ..optimizers import class_from_storage_name
+            from surgeon.binding.optimizers import class_from_storage_name
             cls = class_from_storage_name(storage)
             kids = dict(g.children(opt))
             trainable |= {j for _, j in g.children(kids["_trainable_variables"])}

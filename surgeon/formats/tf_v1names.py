@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..tree import Entry, OptimizerInfo, slot_name
+from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 
 # Variable names that are non-trainable state by convention (Keras and TF1 layers).
 NON_TRAINABLE = {"moving_mean", "moving_variance", "mean", "variance", "count",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 
 REQUIRED = object()
 SLOT_POLICIES = ("keep", "reset", "warm", "follow", "transplant")

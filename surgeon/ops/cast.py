@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from .base import Op, Result
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 
 # name -> (scale, mode, distribution) for VarianceScaling-based initializers
 VARIANCE_SCALING = {

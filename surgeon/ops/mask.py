@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from .base import Op, Result, check_number, float_value, like
 
 MASK_ROOT = "surgeon/masks"
@@ -69,7 +69,7 @@ def read_masks(source) -> dict:
         >>> read_masks("out/prune_magnitude.keras")["conv2/kernel"].mean()
         0.5
     """
-    from ..formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         with open_checkpoint(source) as reader:
             return read_masks(reader)

@@ -18,7 +18,7 @@ OPS = {op.name: op for op in (Zero(), Rescale(), Clip(), Reinit(), Noise(), Shri
 
 
 def get(name, where):
-    from ..errors import RecipeError
+    from surgeon.core.errors import RecipeError
     try:
         return OPS[name]
     except KeyError:

@@ -7,7 +7,7 @@ defaults when the file has no config). Slot policies: keep | reset | warm. Defau
 """
 from __future__ import annotations
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from . import initializers
 from .base import Op, Result, check_number, like, rng_for
 

@@ -7,7 +7,7 @@ instead (``transplant`` into a model that has the structure you want, or ``zero`
 """
 from __future__ import annotations
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from .base import Op
 
 STRUCTURE_FIXED = ("keras", "keras-weights-h5", "keras-weights-sharded", "legacy-h5",

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from . import initializers
 from .base import Op, Result, float_value, like, rng_for
 from .reinit import resolve
@@ -65,7 +65,7 @@ class Transfer(Op):
             mode = self.mode(spec, t, s)
             entry = {"target": t.name, "source": s.name, "by": how}
             if mode == "error":
-                errors.append(f"{s.name} {fmt(s.shape)} -> {t.name} {fmt(t.shape)}")
+                errors.append((t, s))
                 continue
             if mode != "copy":
                 report["mismatched"].append(entry | {"action": mode, "source_shape": list(s.shape),
@@ -75,8 +75,10 @@ class Transfer(Op):
             if mode != "skip":
                 steps.append(self.make_step(spec, ctx, t, s, mode))
         if errors:
+            t, s = errors[0]
             raise RecipeError(f"{spec.where}: op {self.name!r}: {len(errors)} shape mismatch(es), "
-                              f"first: {errors[0]}; set on_mismatch to skip, slice, pad or reinit")
+                              f"first: {s.name} {fmt(s.shape)} -> {t.name} {fmt(t.shape)}; "
+                              + mismatch_advice(spec, t.shape, s.shape))
         used_t = {t.name for t, _, _ in pairs}
         used_s = {s.name for _, s, _ in pairs}
         report["unmatched_targets"] = [t.name for t in targets if t.name not in used_t]
@@ -127,7 +129,9 @@ class Transfer(Op):
 
     def make_step(self, spec, ctx, t, s, mode):
         if mode == "adapt-sum" and t.shape[-2] != 1:
-            raise RecipeError(f"{spec.where}: op {self.name!r}: adapt_input_channels='sum' needs "
+            from surgeon.recipe.schema import spell
+            raise RecipeError(f"{spec.where}: op {self.name!r}: "
+                              f"{spell(spec.where, 'adapt_input_channels', 'sum')} needs "
                               f"a single-channel target, {t.name} has {t.shape[-2]}")
         detail = {"source_path": spec.get("source"), "mode": mode}
         if mode == "reinit":
@@ -177,6 +181,30 @@ def adapt(src, target, mode):
     reps = math.ceil(c_out / c_in)
     tiled = np.concatenate([src] * reps, axis=-2)[..., :c_out, :]
     return tiled * (c_in / float(c_out))
+
+
+def mismatch_advice(spec, t, s):
+    """What to do about a source of shape ``s`` that does not fit target shape ``t`` under
+    the op's ``on_mismatch`` (said in the syntax the op was declared in)."""
+    from surgeon.recipe.schema import spell
+    policy = spec.get("on_mismatch")
+    say = lambda v: spell(spec.where, "on_mismatch", v)  # noqa: E731
+    fits_slice, fits_pad = fits(t, s, smaller=True), fits(t, s, smaller=False)
+    fix = (f"{say('slice')} (keeps the source's leading block)" if fits_slice else
+           f"{say('pad')} (source into the leading block, the rest keeps the target's values)"
+           if fits_pad else None)
+    alt = f"{say('reinit')} (fresh values) or {say('skip')} (keep the target's)"
+    if policy == "slice":
+        head = "slice only shrinks (it takes the source's leading block), and the target is " + \
+               ("larger" if fits_pad else "not smaller in every axis" if len(t) == len(s) else
+                "of another rank")
+    elif policy == "pad":
+        head = "pad only grows (it puts the source into the target's leading block), and the " \
+               "target is " + ("smaller" if fits_slice else "not larger in every axis"
+                               if len(t) == len(s) else "of another rank")
+    else:
+        return f"use {fix} or {alt}" if fix else f"use {alt}"
+    return f"{head}; use {fix} or {alt}" if fix else f"{head}; use {alt}"
 
 
 def channels_only(t, s):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from .transfer import MISMATCH, Transfer
 
 
@@ -33,7 +33,7 @@ class Transplant(Transfer):
         layer_map(spec.get("layers"), f"{spec.where}: op 'transplant'")
 
     def plan(self, spec, ctx):
-        from ..recipe.schema import OpSpec, Selector
+        from surgeon.recipe.schema import OpSpec, Selector
         pairs = layer_map(spec.get("layers"), f"{spec.where}: op 'transplant'")
         src = ctx.source(spec.get("source"), spec)
         names = [e.name for e in src.entries() if e.role in ("param", "state")]

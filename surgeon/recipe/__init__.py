@@ -1,4 +1,13 @@
-"""Recipe DSL: declare input, output and an ordered list of ops in a ``recipe.py``.
+"""recipe: a recipe's whole journey, one way down -- declare (this DSL and
+:mod:`~surgeon.recipe.declare`, on the frozen types of :mod:`~surgeon.recipe.schema`) ->
+load (:mod:`~surgeon.recipe.loader`: ``recipe.py``/TOML, ``--set``) -> plan
+(:mod:`~surgeon.recipe.plan`: validated, printable, no data read) -> execute
+(:mod:`~surgeon.recipe.execute`: streaming, structural ops first via
+:mod:`~surgeon.recipe.structural`) -> provenance (:mod:`~surgeon.formats.provenance`: the
+surgery log in the output). May import core, binding, formats, structure and ops; ops import
+only ``recipe.schema`` from here. Not inspect, convert, train or cli.
+
+Recipe DSL: declare input, output and an ordered list of ops in a ``recipe.py``.
 
 Loading a recipe only builds a frozen declaration; nothing is read or applied until
 ``surgeon apply``. Every op remembers the file:line where it was declared, for errors.
@@ -47,7 +56,7 @@ def recipe(input=None, output=None, ops=(), *, iteration="keep", model=None, sou
     ops = tuple(ops)
     for o in ops:
         if not isinstance(o, OpSpec):
-            from ..errors import RecipeError
+            from surgeon.core.errors import RecipeError
             raise RecipeError(f"{where}: ops must be op declarations (zero(...), ...), got {o!r}")
     return Recipe(input=input, output=output, ops=ops, iteration=check_iteration(iteration, where),
                   model=model, sources=tuple(sorted((sources or {}).items())), path=where.file,
@@ -65,7 +74,7 @@ def _op(name):
     def fn(select="*", **params):
         return declare(name, dict(params, select=select), caller_where(1))
     import importlib
-    from ..ops.registry import OPS
+    from surgeon.ops.registry import OPS
     fn.__name__ = name
     fn.__doc__ = importlib.import_module(type(OPS[name]).__module__).__doc__
     return fn

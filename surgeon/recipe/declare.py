@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import RecipeError
+from surgeon.core.errors import RecipeError
 from .schema import OpSpec, Where, make_selector
 
 
@@ -15,8 +15,8 @@ def caller_where(depth: int) -> Where:
 
 def declare(op_name: str, params: dict, where: Where) -> OpSpec:
     """A validated, frozen OpSpec (defaults filled in, select parsed)."""
-    from ..ops import registry
-    from ..structure import recipe_ops
+    from surgeon.ops import registry
+    from surgeon.recipe import structural as recipe_ops
     if op_name in recipe_ops.NAMES:
         return recipe_ops.declare(op_name, params, where)
     op = registry.get(op_name, where)

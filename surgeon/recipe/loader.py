@@ -7,7 +7,7 @@ import runpy
 import traceback
 from pathlib import Path
 
-from ..errors import RecipeError, SurgeonError
+from surgeon.core.errors import RecipeError, SurgeonError
 from .declare import declare, redeclare
 from .schema import Recipe, Where, check_iteration
 

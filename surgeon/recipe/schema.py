@@ -1,11 +1,12 @@
 """Frozen recipe declarations: what a recipe says, validated, before anything is read."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import RecipeError
-from ..tree import ROLES
+from surgeon.core.errors import RecipeError
+from surgeon.core.tree import ROLES
 
 ITERATION_WORDS = ("keep", "reset")
 
@@ -18,7 +19,43 @@ class Where:
     line: int = 0
 
     def __str__(self):
+        if self.syntax == "cli" and not self.line:
+            return self.file  # "surgeon transplant", "--set": no line to point at
         return f"{self.file}:{self.line}"
+
+    @property
+    def syntax(self) -> str:
+        """How parameters are written where this was declared: ``python`` (a recipe.py),
+        ``toml`` (a recipe.toml) or ``cli`` (a command line such as ``surgeon transplant``)."""
+        if self.file.endswith(".toml"):
+            return "toml"
+        if self.file.startswith(("surgeon ", "--")):
+            return "cli"
+        return "python"
+
+
+def _toml_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def spell(where, key: str, value) -> str:
+    """``key`` set to ``value`` as the user writes it where ``where`` points: ``again=True``
+    in a recipe.py, ``again = true`` in a recipe.toml, ``--on-mismatch pad`` on a command line."""
+    syntax = where.syntax if isinstance(where, Where) else "python"
+    if syntax == "toml":
+        return f"{key} = {_toml_literal(value)}"
+    if syntax == "cli" and where.file == "--set":
+        return f"--set {key}={_toml_literal(value)}"
+    if syntax == "cli":
+        flag = "--" + key.replace("_", "-")
+        return flag if value is True else f"{flag} {value}"
+    return f"{key}={value!r}"
 
 
 @dataclass(frozen=True)

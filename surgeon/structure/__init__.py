@@ -1,4 +1,8 @@
-"""Structural surgery on saved ``.keras`` models: config, weights and optimizer slots together.
+"""structure: structural surgery on saved ``.keras`` models -- config, weights and optimizer
+slots together (widen, deepen, delete/prune channels, insert/delete/replace a layer). A
+library of whole-model rewrites that knows nothing of recipes: recipes reach it through
+:mod:`surgeon.recipe.structural`, the CLI through :mod:`surgeon.cli.structure`. May import
+core, binding and formats; nothing above.
 
 Each op has a planner (``plan_*``: reads the config and entry names, returns a
 :class:`StructurePlan`; nothing is written) and :func:`execute` writes a plan.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 from .plan import TensorAction
 
 PRODUCERS = ("Dense", "Conv1D", "Conv2D", "Conv3D")

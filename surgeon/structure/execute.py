@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._tf import import_keras
-from ..errors import SurgeonError
-from ..formats import open_checkpoint, open_writer
+from surgeon.core.tf import import_keras
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint, open_writer
 from .plan import apply_steps, identity_init
 
 
@@ -103,9 +103,15 @@ def _slot_value(plan, src, sk, e, decision, src_names):
     return apply_steps(src.read(name), steps, slot_kind=e.slot)
 
 
-def execute(plan, out) -> dict:
-    """Write ``plan`` to ``out`` (a ``.keras`` path). Returns a small summary dict."""
+def execute(plan, out, log=True) -> dict:
+    """Write ``plan`` to ``out`` (a ``.keras`` path). Returns a small summary dict.
+
+    ``log``: embed the surgery log (the source's history, then this edit)."""
+    from surgeon.core import atomic
+    from surgeon.formats import check_output_name
     out = Path(out)
+    atomic.check_output(out, [plan.source_path])
+    check_output_name(out, "keras", what=f"{plan.op.replace('_', '-')} writes a Keras model (.keras)")
     if not out.parent.exists():
         raise SurgeonError(f"{out}: output directory {out.parent} does not exist")
     with open_checkpoint(plan.source_path) as src:
@@ -119,12 +125,12 @@ def execute(plan, out) -> dict:
             skel = Path(tmpdir) / "skeleton.keras"
             _build_skeleton(plan, with_opt, skel)
             with open_checkpoint(skel) as sk:
-                return _fill(plan, src, sk, out, src_names)
+                return _fill(plan, src, sk, out, src_names, log)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _fill(plan, src, sk, out, src_names):
+def _fill(plan, src, sk, out, src_names, log=True):
     decisions = _decide(plan, src, sk)
     counts = {"copied": 0, "transformed": 0, "new": 0, "slots": 0}
     with open_writer(out, like=sk) as w:
@@ -142,9 +148,22 @@ def _fill(plan, src, sk, out, src_names):
                 counts["slots"] += 1
             elif e.role == "optimizer" and e.name in src_names:
                 w.write(e.name, src.read(e.name))
+        if log:
+            _embed_log(plan, w, counts)
         w.finalize()
     counts["output"] = str(out)
     return counts
+
+
+def _embed_log(plan, writer, counts):
+    from surgeon.formats import provenance
+    op = plan.op.replace("_", "-")
+    args = {"model": plan.source_path} | {k: v for k, v in plan.params.items()
+                                          if not k.startswith("_")} | {"slots": plan.slots}
+    structural = [plan.to_json() | {"where": f"surgeon {op}"}]
+    rec = provenance.command_record(op, args, {"input": plan.source_path}, dict(counts),
+                                    structural=structural)
+    provenance.embed(writer, "keras", provenance.chained(plan.source_path, rec))
 
 
 def _np_dtype(dtype):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 KT = "__keras_tensor__"
 
@@ -100,6 +100,17 @@ class Graph:
             refs = [refs]
         return [r[0] for r in refs]
 
+    def refuse_output(self, name, verb):
+        """Refuse to put a new layer after a model output: it would become the output in
+        the anchor's place (compiled losses and metrics name the outputs) and its shape
+        is not recorded in the config."""
+        if name in self.outputs():
+            before = [i for i in self.layers[name].inputs if self.layers[i].cls != "InputLayer"]
+            hint = f" (e.g. {before[0]!r}, its input)" if before else ""
+            raise SurgeonError(f"{self.label}: cannot {verb} {name!r}: it is the model's output "
+                               "layer, so the new layer would replace it as the model's output; "
+                               f"choose a layer before the output{hint}")
+
     def out_shape(self, name):
         """The output shape of ``name`` as recorded in the config (None if not recorded)."""
         layer = self.layers[name]
@@ -145,6 +156,7 @@ class Graph:
         """Insert layer ``item`` (a config item) consuming ``anchor``'s output; every
         former consumer of ``anchor`` (and the model output) now consumes the new layer."""
         self.layer(anchor)
+        self.refuse_output(anchor, "insert a layer after")
         name = item["config"]["name"]
         if name in self.layers:
             raise SurgeonError(f"{self.label}: a layer named {name!r} already exists; pass another --name")

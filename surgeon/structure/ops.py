@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._tf import import_keras
-from ..errors import SurgeonError
-from ..formats import open_checkpoint
+from surgeon.core.tf import import_keras
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint
+from surgeon.binding.layers import to_snake_case
 from .channels import PRODUCERS, ChannelEdit
 from .graph import Graph
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction
@@ -167,6 +168,7 @@ def plan_deepen(path, after, activation="auto", kernel_size=3, name=None, slots=
     anchor = g.layer(after)
     if anchor.shared:
         raise SurgeonError(f"{path}: cannot deepen after {after!r}: the layer is shared")
+    g.refuse_output(after, "deepen after")
     shape = _shape_of(g, after, path)
     rank = len(shape)
     cls = {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}.get(rank)
@@ -202,13 +204,27 @@ def plan_deepen(path, after, activation="auto", kernel_size=3, name=None, slots=
     return plan
 
 
-def _layer_item(spec, name, path):
+def unique_name(class_name, taken) -> str:
+    """A fresh layer name as Keras makes one: the snake-cased class name, then ``_1``,
+    ``_2``, ... (``Dense`` -> ``dense``, ``dense_1``), skipping names already ``taken``."""
+    base = to_snake_case(class_name)
+    n = 0
+    name = base
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _layer_item(spec, name, path, taken=None):
     if not isinstance(spec, dict) or not isinstance(spec.get("class_name"), str):
         raise SurgeonError(f'layer spec must be a JSON object {{"class_name": ..., "config": {{...}}}}; '
                            f"got {spec!r}")
     _forbid_code(spec, "layer spec")
     cfg = dict(spec.get("config") or {})
     cfg["name"] = name or cfg.get("name")
+    if not cfg["name"] and taken is not None:
+        cfg["name"] = unique_name(spec["class_name"], taken)
     if not cfg["name"]:
         raise SurgeonError("the new layer needs a name (--name or config.name)")
     if spec.get("module", "keras.layers") != "keras.layers" or spec.get("registered_name"):
@@ -225,9 +241,12 @@ def _check_class(item):
 
 
 def plan_insert_layer(path, after, spec, name=None, slots="follow"):
-    """Insert a built-in layer (``spec``: {"class_name", "config"}) after ``after``."""
+    """Insert a built-in layer (``spec``: {"class_name", "config"}) after ``after``; without
+    ``name`` (or ``config.name``) it gets a fresh Keras-style name (``dropout``, ``dense_1``)."""
     g, names, cc = load(path)
-    item = _layer_item(spec, name, path)
+    g.layer(after)
+    g.refuse_output(after, "insert a layer after")  # before Keras is imported to check the class
+    item = _layer_item(spec, name, path, taken=set(g.layers))
     _check_class(item)
     g.insert_after(after, item)
     params = {"after": after, "layer": item["class_name"], "name": item["config"]["name"]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 import warnings
 
-from .._tf import import_keras
-from ..errors import SurgeonError
+from surgeon.core.tf import import_keras
+from surgeon.core.errors import SurgeonError
 
 
 def keras_output_shapes(model_json: dict, label) -> dict:

@@ -1,4 +1,9 @@
-"""Resume training from a (possibly edited) checkpoint, optimizer state included.
+"""train: the training side -- resume training from a (possibly edited) checkpoint, optimizer
+state included (``resume``), in-training edits (:mod:`~surgeon.train.edits`), the Keras
+``RecipeCallback`` (:mod:`~surgeon.train.callback`, public as ``surgeon.keras``) and
+``tf.distribute`` set-up. The only package that imports TensorFlow/Keras eagerly (modules
+import it on use). May import core, binding, formats, ops and recipe (to load a recipe's ops);
+not inspect, convert or cli.
 
 ``resume()`` restores every weight, optimizer slot, the iteration counter and the learning
 rate by canonical name, checks that checkpoint and model fit each other, trains with a

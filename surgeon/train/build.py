@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._tf import import_keras, tf_module
-from ..errors import SurgeonError
+from surgeon.core.tf import import_keras, tf_module
+from surgeon.core.errors import SurgeonError
 
 
 def _config_of(reader, model_spec):
@@ -23,7 +23,7 @@ def _config_of(reader, model_spec):
         return cfg
     p = Path(str(model_spec))
     if p.suffix == ".keras" or p.suffix == ".json":
-        from ..formats.keras_h5 import read_model_json
+        from surgeon.formats.keras_h5 import read_model_json
         return read_model_json(p)
     return None
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic
-from ..errors import SurgeonError
-from ..formats import open_writer
+from surgeon.core import atomic
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_writer
 
 
 def live_values(vm) -> dict:
@@ -40,8 +40,43 @@ def _numpy(var):
     return v.numpy() if hasattr(v, "numpy") else np.asarray(v)
 
 
-def write_like(reader, vm, target) -> Path:
+def check_output(checkpoint, output, model=None) -> None:
+    """Before any work: the output is not an input, and its name announces a format resume
+    writes (the input's; or .keras / .weights.h5, which Keras' saver writes)."""
+    from surgeon.formats import check_output_name, detect, name_format
+    if output is None:
+        return
+    model_file = model if isinstance(model, (str, Path)) and Path(str(model)).exists() else None
+    if "{iteration}" not in str(output):
+        atomic.check_output(output, [checkpoint, model_file])
+    if name_format(output) not in ("keras", "keras-weights-h5"):
+        check_output_name(output, detect(checkpoint), checkpoint,
+                          what=f"resume writes the input's format ({detect(checkpoint)}), or "
+                               ".keras / .weights.h5")
+
+
+def same_format(reader, output) -> bool:
+    """True when ``output``'s name announces ``reader``'s format (or names no format)."""
+    from surgeon.formats import check_output_name
+    try:
+        check_output_name(output, reader.format, reader.path)
+    except SurgeonError:
+        return False
+    return True
+
+
+def history(checkpoint, arguments, summary) -> list:
+    """The surgery log of a resume output: the input's history, then this run."""
+    from surgeon.formats import provenance
+    args = {k: (v if isinstance(v, (str, int, float, bool)) or v is None else type(v).__name__)
+            for k, v in arguments.items()}
+    rec = provenance.command_record("resume", args, {"input": checkpoint}, summary)
+    return provenance.chained(checkpoint, rec)
+
+
+def write_like(reader, vm, target, log=None) -> Path:
     """Rewrite ``reader``'s checkpoint at ``target`` with the live values (atomic)."""
+    from surgeon.formats import provenance
     live = live_values(vm)
     with open_writer(target, like=reader) as w:
         for e in reader.entries():
@@ -53,10 +88,12 @@ def write_like(reader, vm, target) -> Path:
             if str(arr.dtype) != e.dtype:
                 arr = arr.astype(e.dtype)
             w.write(e.name, arr)
+        if log is not None:
+            provenance.embed(w, reader.format, log)
         return Path(w.finalize())
 
 
-def write_keras(model, target) -> Path:
+def write_keras(model, target, log=None) -> Path:
     """Keras' own saver into a temp file beside ``target``, then an atomic rename."""
     target = Path(target)
     name = target.name
@@ -72,6 +109,9 @@ def write_keras(model, target) -> Path:
     try:
         atomic.discard(tmp)
         save(str(tmp))
+        if log is not None:
+            from surgeon.formats import provenance
+            provenance.embed_file(tmp, "keras" if suffix == ".keras" else "keras-weights-h5", log)
         atomic.commit(tmp, target)
     except BaseException:
         atomic.discard(tmp)
@@ -79,5 +119,9 @@ def write_keras(model, target) -> Path:
     return target
 
 
-def save(reader, vm, model, target, like: bool) -> Path:
-    return write_like(reader, vm, target) if like else write_keras(model, target)
+def save(reader, vm, model, target, like: bool, log=None) -> Path:
+    """Write the live state to ``target``: surgeon's writer when ``like`` (and the name
+    announces the input's format), else Keras' saver; ``log``: the surgery log to embed."""
+    if like and same_format(reader, target):
+        return write_like(reader, vm, target, log)
+    return write_keras(model, target, log)

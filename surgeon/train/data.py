@@ -13,8 +13,8 @@ import inspect
 import sys
 from pathlib import Path
 
-from .._tf import import_tf
-from ..errors import SurgeonError
+from surgeon.core.tf import import_tf
+from surgeon.core.errors import SurgeonError
 
 
 def check_spec(spec: str, what: str = "--data"):

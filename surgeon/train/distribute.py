@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from .._tf import import_tf
-from ..errors import SurgeonError
+from surgeon.core.tf import import_tf
+from surgeon.core.errors import SurgeonError
 
 
 def make_strategy(name: str):

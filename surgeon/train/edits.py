@@ -14,8 +14,8 @@ import fnmatch
 import re
 import zlib
 
-from .._tf import import_tf
-from ..errors import RecipeError
+from surgeon.core.tf import import_tf
+from surgeon.core.errors import RecipeError
 
 SECOND_MOMENT = {"velocity", "velocity_hat", "accumulator", "accumulated_grad",
                  "accumulated_delta_var", "norm"}
@@ -188,7 +188,7 @@ def from_spec(spec) -> Edit:
 def as_edits(recipe_or_ops) -> list:
     """Edits from a Recipe, a list of OpSpec/Edit, a single Edit, or a recipe file path."""
     if isinstance(recipe_or_ops, (str, bytes)) or hasattr(recipe_or_ops, "__fspath__"):
-        from ..recipe import load_recipe
+        from surgeon.recipe import load_recipe
         recipe_or_ops = load_recipe(recipe_or_ops)
     if hasattr(recipe_or_ops, "ops"):
         recipe_or_ops = recipe_or_ops.ops

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._tf import import_keras, import_tf, tf_module
-from ..errors import SurgeonError
+from surgeon.core.tf import import_keras, import_tf, tf_module
+from surgeon.core.errors import SurgeonError
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _open(checkpoint, model, strategy, custom_objects):
     import os
     import tempfile
     keras = import_keras()
-    from .. import open_checkpoint
+    from surgeon.formats import open_checkpoint
     from . import build
     if model is None or str(checkpoint).endswith(".keras") or _reader_model(checkpoint, model):
         reader = open_checkpoint(checkpoint, model=_reader_model(checkpoint, model))
@@ -175,7 +175,7 @@ def _multiworker(strategy):
 
 def check_arguments(checkpoint, data, steps, output=None, model=None):
     """The checks that need no TensorFlow, done before importing it (mistakes fail fast)."""
-    from ..formats import detect
+    from surgeon.formats import detect
     from .data import check_spec
     if steps < 0:
         raise SurgeonError(f"steps must be >= 0, got {steps}")
@@ -228,19 +228,27 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
         ...        steps=5, output="/tmp/cnn_more.keras")
     """
     check_arguments(checkpoint, data, steps, output if write else None, model)
+    from . import checkpoint as ckpt
+    if write:
+        ckpt.check_output(checkpoint, output, model)  # before any work
+    args = {"checkpoint": str(checkpoint), "data": data, "steps": steps, "output": output,
+            "model": model, "every": every, "seed": seed, "batch_size": batch_size,
+            "allow_missing": allow_missing, "reset_optimizer": reset_optimizer,
+            "strategy": strategy, "edits": len(edits) if edits else None}
     strategy = _strategy(strategy)
     reader, kmodel, vm, rep, mset, program = _prepare(
         checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
         seed, edits, edit_every, masks)
     try:
         return _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every,
-                      seed, batch_size, strategy, skip_consumed, jit_compile, on_step, write)
+                      seed, batch_size, strategy, skip_consumed, jit_compile, on_step, write,
+                      lambda it: ckpt.history(checkpoint, args, {"iteration": it}))
     finally:
         reader.close()
 
 
 def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, seed,
-           batch_size, strategy, skip_consumed, jit_compile, on_step, write):
+           batch_size, strategy, skip_consumed, jit_compile, on_step, write, log=lambda it: None):
     from . import checkpoint as ckpt
     from .distribute import is_chief
     start = int(kmodel.optimizer.iterations.numpy())
@@ -251,7 +259,8 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     ds = _dataset(data, batch_size, seed, start_data if skip_consumed else 0, strategy)
     jit = kmodel.jit_compile if jit_compile == "auto" else bool(jit_compile)
     step_fn = make_train_step(kmodel, strategy, mset, program, jit_compile=jit)
-    like = ckpt.writable_like(reader, vm, kmodel.optimizer)
+    like = ckpt.writable_like(reader, vm, kmodel.optimizer) and (
+        not output or ckpt.same_format(reader, _target(output, start)))
     chief = is_chief(strategy)
     result = ResumeResult(steps, start, start, None, str(output) if output else None,
                           report=rep.to_json(), replicas=strategy.num_replicas_in_sync,
@@ -270,7 +279,8 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
                 on_step(i + 1, steps, loss)
             if every and (i + 1) % every == 0 and i + 1 < steps and output and write and chief:
                 pending = _target(output, start + i + 1)
-                result.checkpoints.append(str(ckpt.save(reader, vm, kmodel, pending, like)))
+                result.checkpoints.append(str(ckpt.save(reader, vm, kmodel, pending, like,
+                                                        log(start + i + 1))))
                 pending = None
     except KeyboardInterrupt as exc:  # the CLI names the last complete checkpoint
         exc.surgeon_checkpoints = list(result.checkpoints)
@@ -282,6 +292,7 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
     result.iteration_end = int(kmodel.optimizer.iterations.numpy())
     if output and write and chief:
         result.checkpoints.append(str(ckpt.save(
-            reader, vm, kmodel, _target(output, result.iteration_end), like)))
+            reader, vm, kmodel, _target(output, result.iteration_end), like,
+            log(result.iteration_end))))
     result.model = kmodel
     return result

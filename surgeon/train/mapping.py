@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._tf import tf_module
-from .. import optimizers
-from ..errors import BindingError
-from ..tree import slot_name
+from surgeon.core.tf import tf_module
+from surgeon.binding import optimizers
+from surgeon.core.errors import BindingError
+from surgeon.core.tree import slot_name
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._tf import import_tf
+from surgeon.core.tf import import_tf
 
 PREFIX = "surgeon/masks/"
 
@@ -20,7 +20,7 @@ PREFIX = "surgeon/masks/"
 def read_masks(reader) -> dict:
     """{param canonical name: bool array} stored in ``reader`` (empty when none)."""
     try:
-        from ..ops import mask as mask_op
+        from surgeon.ops import mask as mask_op
     except ImportError:
         mask_op = None
     if mask_op is not None and hasattr(mask_op, "read_masks"):
@@ -41,7 +41,7 @@ class MaskSet:
         for name, m in masks.items():
             var = varmap.model.get(name)
             if var is None or tuple(var.shape) != m.shape:
-                from ..errors import SurgeonError
+                from surgeon.core.errors import SurgeonError
                 raise SurgeonError(f"mask for {name!r} does not fit the model "
                                    f"(mask {list(m.shape)}, weight "
                                    f"{list(var.shape) if var is not None else 'absent'})")

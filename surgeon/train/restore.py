@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 from .mapping import VarMap
 
 

@@ -8,12 +8,13 @@ ignores both when loading.
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import json
 import zipfile
 from pathlib import Path
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 MEMBER = "surgeon/provenance.json"
 H5_KEY = "surgeon/provenance"
@@ -40,6 +41,10 @@ def checkpoint_files(path) -> list:
         return [path] + [path.with_name(n) for n in names]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
+    if not path.exists() or path.name.endswith(".index"):  # a TF prefix: index and data files
+        prefix = str(path)[: -len(".index")] if path.name.endswith(".index") else str(path)
+        files = sorted(Path(prefix).parent.glob(glob.escape(Path(prefix).name) + ".data-*"))
+        return [Path(prefix + ".index")] + files if Path(prefix + ".index").exists() else [path]
     return [path]
 
 
@@ -57,7 +62,7 @@ def content_hash(path) -> str:
 def read_log(path) -> list:
     """The surgery history stored in a checkpoint (oldest first); [] when it has none."""
     path = Path(path)
-    from .formats import detect
+    from surgeon.formats import detect
     fmt = detect(path)
     if fmt == "keras":
         with zipfile.ZipFile(path) as zf:
@@ -106,9 +111,13 @@ def make_record(recipe, plan, inputs: dict, version: str, hash_inputs=True) -> d
     ``hash_inputs`` is a bool or a ``Hasher`` already working on the inputs."""
     hasher = hash_inputs if isinstance(hash_inputs, Hasher) else None
     text = recipe.text or ""
+    path = str(recipe.path or "")
+    command = path.split()[1] if path.startswith("surgeon ") and len(path.split()) > 1 else "apply"
     return {
         "tool": "surgeon", "version": version,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "arguments": {"recipe": recipe.path, "input": str(recipe.input), "output": plan.output},
         "recipe": {"path": recipe.path, "sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "text": text},
         "inputs": [{"role": role, "path": str(p),
@@ -117,6 +126,62 @@ def make_record(recipe, plan, inputs: dict, version: str, hash_inputs=True) -> d
                    for role, p in inputs.items()],
         "plan": plan.to_json(),
     }
+
+
+def command_record(command: str, arguments: dict, inputs: dict, summary: dict,
+                   structural=(), hash_inputs=True) -> dict:
+    """One log record for a command other than ``apply``: what ran (command, arguments),
+    on what (inputs with content hashes) and what it did (``summary``; ``structural``:
+    structural plans, as ``surgeon log`` shows them)."""
+    from surgeon.core import __version__
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items()
+            if v is not None and v is not False}
+    text = " ".join([f"surgeon {command}"] + [f"--{k.replace('_', '-')}={v}" for k, v in args.items()])
+    return {
+        "tool": "surgeon", "version": __version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "arguments": args, "summary": summary,
+        "recipe": {"path": f"surgeon {command}",
+                   "sha256": hashlib.sha256(text.encode()).hexdigest(), "text": text},
+        "inputs": [{"role": role, "path": str(p),
+                    "sha256": content_hash(p) if hash_inputs else None,
+                    "history": _history(p) if role != "input" else None}
+                   for role, p in inputs.items() if p is not None],
+        "plan": {"steps": [], "structural": list(structural), "iteration": None},
+    }
+
+
+def _history(path):
+    try:
+        return read_log(path)
+    except (SurgeonError, OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return []
+
+
+def chained(input_path, record) -> list:
+    """``record`` after ``input_path``'s own history (the log an output of it carries)."""
+    return _history(input_path) + [record]
+
+
+def embed_file(path, fmt: str, history: list) -> bool:
+    """Store ``history`` in a file already written (e.g. by Keras' saver, before it is
+    renamed into place); False when the format has no room."""
+    data = json.dumps(history, indent=1, sort_keys=False).encode()
+    if fmt == "keras":
+        with zipfile.ZipFile(path, "a") as zf:
+            if MEMBER in zf.namelist():
+                return False
+            zf.writestr(zipfile.ZipInfo(MEMBER, (1980, 1, 1, 0, 0, 0)), data)
+        return True
+    if fmt in ("keras-weights-h5", "legacy-h5"):
+        import h5py
+        import numpy as np
+        with h5py.File(path, "r+") as f:
+            if H5_KEY in f:
+                del f[H5_KEY]
+            f.create_dataset(H5_KEY, data=np.bytes_(data))
+        return True
+    return False
 
 
 def embed(writer, fmt: str, history: list) -> bool:

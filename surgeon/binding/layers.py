@@ -112,3 +112,49 @@ def var_names(class_name: str | None, config: dict | None, n: int):
         if class_name not in _OPTIONAL and "bias" in _TRAINABLE.get(class_name, ()):
             certain = True  # only the bias can be missing: unambiguous
     return [(nm, nm in trainable, certain) for nm in names]
+
+
+# -- dtype policies ---------------------------------------------------------------------
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _policy_dtype(policy):
+    """The variable dtype of a Keras dtype policy (``mixed_*`` policies keep float32)."""
+    if isinstance(policy, dict):
+        policy = (policy.get("config") or {}).get("name")
+    if not isinstance(policy, str):
+        return None
+    if policy.startswith("mixed_"):
+        return "float32"
+    return policy if policy in _FLOATS else None
+
+
+def variable_dtypes(model_json) -> dict:
+    """{canonical layer path: dtype of its variables} from the layers' dtype policies."""
+    out = {}
+
+    def visit(item, prefix):
+        cfg = item.get("config") if isinstance(item, dict) else None
+        if not isinstance(cfg, dict):
+            return
+        name = cfg.get("name") or item.get("name")
+        path = f"{prefix}/{name}" if prefix and name else (name or prefix)
+        dtype = _policy_dtype(cfg.get("dtype"))
+        if dtype and path:
+            out[path] = dtype
+        for sub in cfg.get("layers") or []:
+            visit(sub, path)
+
+    for item in ((model_json or {}).get("config") or {}).get("layers") or []:
+        visit(item, "")
+    return out
+
+
+def variable_dtype(dtypes, param):
+    """The dtype of ``param``'s variable: its innermost layer with a known policy."""
+    parts = param.split("/")[:-1]
+    for i in range(len(parts), 0, -1):
+        found = dtypes.get("/".join(parts[:i]))
+        if found:
+            return found
+    return None

@@ -1,6 +1,6 @@
 """Compare two checkpoints tensor by tensor, streaming (one pair at a time, in chunks).
 
-The library never prints; ``surgeon.report`` renders a :class:`DiffResult` as text,
+The library never prints; ``surgeon.inspect.report`` renders a :class:`DiffResult` as text,
 markdown, JSON or a PNG. Statistics are accumulated in float64 over chunks read along
 axis 0, so peak memory is bounded by the chunk size, not by the checkpoint.
 """
@@ -9,198 +9,14 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
+from surgeon.inspect.result import DiffResult, TensorDiff
+from surgeon.inspect.stream import CHUNK_BYTES, as_float, fdot, iter_chunks, numeric, zip_flat
 
-CHUNK_BYTES = 2 << 20
-STATUSES = ("equal", "changed", "reshaped", "retyped", "added", "removed")
 SAMPLE_PER_TENSOR = 4096
-
-
-# -- streaming helpers (shared with surgeon.audit) ---------------------------------------
-def iter_chunks(reader, name, max_bytes=CHUNK_BYTES):
-    """Yield ``name``'s values in slices along axis 0 of about ``max_bytes`` each.
-
-    Uses the reader's ``read_chunks`` when it has one; otherwise reads the tensor whole
-    and slices it (the arithmetic is still chunked)."""
-    chunked = getattr(reader, "read_chunks", None)
-    if chunked is not None:
-        yield from chunked(name, max_bytes)
-        return
-    arr = np.asarray(reader.read(name))
-    if arr.ndim == 0 or arr.nbytes <= max_bytes:
-        yield arr
-        return
-    step = max(1, max_bytes // max(1, arr.nbytes // arr.shape[0]))
-    for i in range(0, arr.shape[0], step):
-        yield arr[i:i + step]
-
-
-def zip_flat(*streams):
-    """Align several chunk streams of equally sized tensors: yield tuples of equal-length
-    flat pieces (C order), whatever chunk boundaries each stream uses."""
-    iters = [iter(s) for s in streams]
-    bufs = [np.empty(0)] * len(iters)
-    while True:
-        for k, it in enumerate(iters):
-            while bufs[k].size == 0:
-                nxt = next(it, None)
-                if nxt is None:
-                    return
-                bufs[k] = np.asarray(nxt).reshape(-1)
-        m = min(b.size for b in bufs)
-        yield tuple(b[:m] for b in bufs)
-        bufs = [b[m:] for b in bufs]
-
-
-def as_float(x) -> np.ndarray:
-    return x.astype(np.float64, copy=False)
-
-
-def numeric(x) -> np.ndarray:
-    """``x`` itself for numpy's own numeric dtypes, else (bfloat16, ...) as float64."""
-    return x if x.dtype.kind in "fiub" else as_float(x)
-
-
-def fdot(x, y) -> float:
-    """Float64 dot product of two flat arrays of numpy numeric dtypes. einsum casts in
-    its inner loop (no float64 copies) and uses no BLAS threads (slow on a busy machine)."""
-    return float(np.einsum("i,i->", x, y, dtype=np.float64, casting="unsafe"))
-
-
-def finite_or_none(x):
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-# -- results ---------------------------------------------------------------------------
-@dataclass
-class TensorDiff:
-    """The comparison of one canonical name."""
-
-    name: str
-    status: str
-    role: str
-    layer: str
-    slot_of: str | None = None
-    slot: str | None = None
-    shape_a: tuple | None = None
-    shape_b: tuple | None = None
-    dtype_a: str | None = None
-    dtype_b: str | None = None
-    size: int = 0
-    n_changed: int = 0
-    max_abs: float | None = None
-    l2_diff: float | None = None
-    norm_a: float | None = None
-    norm_b: float | None = None
-    dot: float | None = None
-    flag: str | None = None
-    sample: np.ndarray | None = None
-
-    @property
-    def rel_l2(self):
-        if self.l2_diff is None or self.norm_a is None:
-            return None
-        if self.norm_a == 0:
-            return 0.0 if self.l2_diff == 0 else None
-        return self.l2_diff / self.norm_a
-
-    @property
-    def cosine(self):
-        if self.dot is None or self.norm_a is None or self.norm_b is None:
-            return None
-        if self.norm_a == 0 or self.norm_b == 0:
-            return 1.0 if self.norm_a == self.norm_b else None
-        return max(-1.0, min(1.0, self.dot / (self.norm_a * self.norm_b)))
-
-    @property
-    def frac_changed(self):
-        if self.status in ("added", "removed", "reshaped"):
-            return None
-        return self.n_changed / self.size if self.size else 0.0
-
-    def to_json(self) -> dict:
-        f = finite_or_none
-        return {"name": self.name, "status": self.status, "role": self.role, "layer": self.layer,
-                "slot_of": self.slot_of, "slot": self.slot,
-                "shape_a": list(self.shape_a) if self.shape_a is not None else None,
-                "shape_b": list(self.shape_b) if self.shape_b is not None else None,
-                "dtype_a": self.dtype_a, "dtype_b": self.dtype_b, "size": self.size,
-                "max_abs": f(self.max_abs), "rel_l2": f(self.rel_l2), "cosine": f(self.cosine),
-                "frac_changed": f(self.frac_changed), "n_changed": self.n_changed,
-                "l2_diff": f(self.l2_diff), "norm_a": f(self.norm_a), "norm_b": f(self.norm_b),
-                "flag": self.flag}
-
-
-@dataclass
-class LayerDiff:
-    """Aggregate over a layer's weights (params and states; slots excluded)."""
-
-    layer: str
-    tensors: int = 0
-    differ: int = 0
-    sq_diff: float = 0.0
-    sq_a: float = 0.0
-
-    @property
-    def rel_l2(self):
-        if self.sq_a == 0:
-            return 0.0 if self.sq_diff == 0 else None
-        return math.sqrt(self.sq_diff / self.sq_a)
-
-    def to_json(self):
-        return {"layer": self.layer, "tensors": self.tensors, "differ": self.differ,
-                "rel_l2": finite_or_none(self.rel_l2)}
-
-
-@dataclass
-class DiffResult:
-    """Everything ``surgeon diff`` reports."""
-
-    a: dict
-    b: dict
-    atol: float
-    rtol: float
-    tensors: list = field(default_factory=list)
-
-    @property
-    def equal(self) -> bool:
-        return all(t.status == "equal" for t in self.tensors)
-
-    def counts(self) -> dict:
-        c = {s: 0 for s in STATUSES}
-        for t in self.tensors:
-            c[t.status] += 1
-        return c
-
-    def flags(self):
-        return [t for t in self.tensors if t.flag]
-
-    def layers(self) -> list:
-        out = {}
-        for t in self.tensors:
-            if t.role not in ("param", "state"):
-                continue
-            ld = out.setdefault(t.layer, LayerDiff(t.layer))
-            ld.tensors += 1
-            ld.differ += t.status != "equal"
-            if t.l2_diff is not None and t.norm_a is not None:
-                ld.sq_diff += t.l2_diff ** 2
-                ld.sq_a += t.norm_a ** 2
-        return list(out.values())
-
-    def to_json(self) -> dict:
-        return {"equal": self.equal, "a": self.a, "b": self.b, "atol": self.atol, "rtol": self.rtol,
-                "summary": self.counts() | {"tensors": len(self.tensors)},
-                "tensors": [t.to_json() for t in self.tensors],
-                "layers": [ld.to_json() for ld in self.layers()],
-                "flags": [{"tensor": t.name, "message": t.flag} for t in self.flags()]}
 
 
 # -- comparison ------------------------------------------------------------------------
@@ -402,7 +218,7 @@ def _flag_slots(tensors):
 def diff_paths(path_a, path_b, *, model=None, model_b=None, **kw) -> DiffResult:
     """Open two checkpoints and compare them (``model`` applies to bare weights files;
     ``model_b``, when given, to B instead)."""
-    from .formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     with open_checkpoint(path_a, model=model_for(path_a, model)) as ra, \
             open_checkpoint(path_b, model=model_for(path_b, model_b or model)) as rb:
         return diff_checkpoints(ra, rb, **kw)
@@ -412,6 +228,6 @@ def model_for(path, model):
     """``--model`` only for formats that need it (a ``.keras`` file carries its config)."""
     if model is None:
         return None
-    from .formats import detect
+    from surgeon.formats import detect
     return None if detect(path) == "keras" else model
 

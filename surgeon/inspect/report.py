@@ -1,6 +1,6 @@
 """Rendering of diff / series / audit results: text, markdown and PNG plots.
 
-The library computes (``surgeon.diff``, ``surgeon.audit``); this module only formats.
+The library computes (``surgeon.inspect.diff``, ``surgeon.inspect.audit``); this module only formats.
 Plots use matplotlib's object API (no pyplot, no global state); matplotlib is the
 optional extra ``surgeon[plot]``.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 PLOT_SIZE = (1200, 500)  # pixels (width, height) of every PNG
 DPI = 100
@@ -67,6 +67,10 @@ def _shape_note(t):
     return ""
 
 
+def _layer_rel(ld):
+    return _g(ld.rel_l2) if ld.rel_l2 is not None else f"n/a ({ld.why_undefined()})"
+
+
 def diff_text(result, show_all=False) -> str:
     """Summary line, both sides, then a table grouped by layer (differing tensors only
     unless ``show_all``), then flags."""
@@ -80,7 +84,7 @@ def diff_text(result, show_all=False) -> str:
     layer_rel = {ld.layer: ld for ld in result.layers()}
     for layer, ts in groups.items():
         ld = layer_rel.get(layer)
-        extra = f"  ({ld.differ} of {ld.tensors} weights differ, rel_l2 {_g(ld.rel_l2)})" if ld else ""
+        extra = f"  ({ld.differ} of {ld.tensors} weights differ, rel_l2 {_layer_rel(ld)})" if ld else ""
         lines.append(f"{layer}/{extra}")
         for t in ts:
             lines.append(f"  {_leaf(t):<30} {t.status:<9} {_g(t.max_abs):>9} {_g(t.rel_l2):>9} "

@@ -2,7 +2,7 @@
 
 Every tensor is read once, in chunks (a param together with its slots, so masked
 weights can be checked against their moments). The library never prints; see
-``surgeon.report.audit_text``. Finding codes and severities are listed in ``CODES``.
+``surgeon.inspect.report.audit_text``. Finding codes and severities are listed in ``CODES``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .diff import CHUNK_BYTES, as_float, fdot, iter_chunks, zip_flat
+from surgeon.inspect.stream import CHUNK_BYTES, as_float, fdot, iter_chunks, zip_flat
+from surgeon.binding.layers import variable_dtype, variable_dtypes
+from surgeon.ops.base import slot_power
 
 SEVERITIES = ("error", "warning", "info")
 CODES = {
@@ -24,12 +26,13 @@ CODES = {
     "slot-missing": ("error", "a trainable param has no (or fewer) optimizer slots than the others"),
     "slot-on-frozen": ("error", "a frozen param has optimizer slots (Keras then skips the whole optimizer)"),
     "slot-shape": ("error", "an optimizer slot's shape differs from its param's"),
-    "slot-dtype": ("warning", "an optimizer slot's dtype differs from its param's"),
+    "slot-dtype": ("warning", "an optimizer slot's dtype is neither its param's stored dtype nor the "
+                              "variable dtype Keras creates its slots with"),
     "optimizer-mismatch": ("error", "the optimizer's variables do not fit the model"),
     "unresolved-slots": ("warning", "optimizer slots could not be bound to params (pass --model)"),
     "masked-moments": ("warning", "zero (masked/pruned) weights with non-zero optimizer moments"),
     "masked-nonzero": ("warning", "weights masked by a stored pruning mask are not zero"),
-    "moments-reset": ("warning", "slots all zero while the iteration counter is large"),
+    "moments-reset": ("warning", "second-moment slots all zero while the iteration counter is large"),
     "mixed-dtypes": ("warning", "weights are stored in more than one floating dtype"),
     "no-optimizer": ("info", "no optimizer state stored"),
 }
@@ -166,19 +169,23 @@ def _check_param(reader, result, p, slots, chunk_bytes, iteration, mask=None):
         result.add("masked-moments", p.name,
                    f"{moving_masked} of {masked} {what} weights have non-zero optimizer "
                    f"moments ({', '.join(s.slot for s in same)}); the next step moves them off zero")
-    reset = [s.slot for s, st in zip(same, sst) if st.n and st.zeros == st.n]
+    # Only zero second moments make the next steps too large (Adam's bias correction is
+    # ~1 at a large iteration, RMSprop/Adagrad have none); zero first moments just restart
+    # the momentum -- what slots="warm" does on purpose.
+    reset = [s.slot for s, st in zip(same, sst)
+             if st.n and st.zeros == st.n and slot_power(s.slot) == 2]
     if reset and iteration is not None and iteration >= result.iteration_threshold:
         result.add("moments-reset", p.name,
-                   f"slots {', '.join(reset)} are all zero while iteration={iteration}: bias correction "
-                   "no longer compensates, so the first updates are several times a normal step "
-                   "(warm-reset the slots or restart the iteration count)")
+                   f"second moments ({', '.join(reset)}) are all zero while iteration={iteration}: "
+                   "bias correction no longer compensates, so the first updates are several times a "
+                   "normal step (warm-reset the slots or restart the iteration count)")
     return 1 + len(same)
 
 
 def _masks(reader):
     """Pruning masks stored by the recipe engine ({} when none or unsupported)."""
     try:
-        from .ops.mask import read_masks
+        from surgeon.ops.mask import read_masks
     except ImportError:
         return {}
     if not hasattr(reader, "read_key"):
@@ -194,7 +201,7 @@ def _check_alone(reader, result, e, chunk_bytes):
 
 
 def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100,
-                     norm_threshold=100.0) -> AuditResult:
+                     norm_threshold=100.0, model_json=None) -> AuditResult:
     """Run every check on an open reader.
 
     Args:
@@ -202,6 +209,7 @@ def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100
         chunk_bytes: bytes read per chunk (bounds peak memory).
         iteration_threshold: iteration from which all-zero slots are reported.
         norm_threshold: ``RMS * sqrt(fan_in)`` above which a kernel's norm is "exploding".
+        model_json: the model config (for a bare weights file; a ``.keras`` has its own).
     Returns:
         An :class:`AuditResult` (``ok`` is False when any finding is an error).
     Example:
@@ -228,15 +236,23 @@ def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100
         if e.name not in done:
             _check_alone(reader, result, e, chunk_bytes)
             result.checked += 1
-    _check_structure(reader, result, entries, md)
+    _check_structure(reader, result, entries, md, model_json or _model_json(reader))
     _mixed_dtypes(result, entries)
     return result
 
 
 # -- optimizer structure ---------------------------------------------------------------------
-def _check_structure(reader, result, entries, md):
-    """Slots vs params: bound slots checked directly; unresolved ones diagnosed."""
+def _model_json(reader):
+    return getattr(reader, "config", None) or getattr(reader, "model_config", None)
+
+
+def _check_structure(reader, result, entries, md, model_json=None):
+    """Slots vs params: bound slots checked directly; unresolved ones diagnosed. A slot
+    is healthy in its param's stored dtype or in the dtype of the param's Keras variable
+    (Keras' ``add_variable_from_reference`` gives slots the variable's dtype: float32
+    under ``mixed_bfloat16``, also when surgeon's ``cast`` stores the weight as bfloat16)."""
     by_name = {e.name: e for e in entries}
+    dtypes = variable_dtypes(model_json)
     bound = [e for e in entries if e.role == "slot" and e.slot_of]
     unresolved = [e for e in entries if e.role == "slot" and not e.slot_of]
     if not md.get("optimizer") and not bound and not unresolved:
@@ -248,8 +264,11 @@ def _check_structure(reader, result, entries, md):
             continue
         if tuple(s.shape) != tuple(p.shape):
             result.add("slot-shape", s.name, f"shape {tuple(s.shape)} differs from {p.name} {tuple(p.shape)}")
-        if s.dtype != p.dtype:
-            result.add("slot-dtype", s.name, f"dtype {s.dtype} differs from {p.name} {p.dtype}")
+        var_dtype = variable_dtype(dtypes, p.name)
+        if s.dtype not in (p.dtype, var_dtype):
+            also = (f" and from the {var_dtype} Keras gives its variable"
+                    if var_dtype not in (None, p.dtype) else "")
+            result.add("slot-dtype", s.name, f"dtype {s.dtype} differs from {p.name} {p.dtype}{also}")
         if p.frozen:
             result.add("slot-on-frozen", p.name, f"frozen param has optimizer slot {s.slot}; "
                                                  "Keras skips loading the whole optimizer")
@@ -273,7 +292,7 @@ def _opt_index(e):
 
 def _diagnose(reader, result, entries, unresolved):
     """Explain positional slots that did not bind (Keras 3 layouts, model config known)."""
-    from . import optimizers
+    from surgeon.binding import optimizers
     opt = getattr(reader, "optimizer", None)
     layout = optimizers.layout_for(opt.class_name, opt.config) if opt and opt.config else None
     rest = sorted(unresolved, key=lambda e: (_opt_index(e) is None, _opt_index(e) or 0))
@@ -336,6 +355,8 @@ def _mixed_dtypes(result, entries):
 def audit_path(path, model=None, **kw) -> AuditResult:
     """Open ``path`` (``model`` for bare weights files) and audit it."""
     from .diff import model_for
-    from .formats import open_checkpoint
-    with open_checkpoint(path, model=model_for(path, model)) as reader:
-        return audit_checkpoint(reader, **kw)
+    from surgeon.formats import open_checkpoint
+    from surgeon.formats.keras_h5 import read_model_json
+    model = model_for(path, model)
+    with open_checkpoint(path, model=model) as reader:
+        return audit_checkpoint(reader, model_json=read_model_json(model) if model else None, **kw)

@@ -7,36 +7,44 @@ import json
 
 import click
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 _SLOTS = click.Choice(["follow", "reset"])
 
 
-def _output_checked_first(f):
-    """``-o`` is checked before planning, which may load TensorFlow (seconds)."""
+def _refuse_early(f):
+    """Check ``-o`` (given, not an input, named .keras) before planning, which may load
+    TensorFlow (seconds): nothing is done first."""
     @functools.wraps(f)
-    def command(*args, **kwargs):
-        if not kwargs.get("dry_run") and not kwargs.get("output"):
+    def guarded(**kw):
+        if kw.get("dry_run"):
+            return f(**kw)
+        if not kw.get("output"):
             raise SurgeonError("-o/--output is required (or pass --dry-run)")
-        return f(*args, **kwargs)
-    return command
+        from surgeon.core import atomic
+        from surgeon.formats import check_output_name
+        atomic.check_output(kw["output"], [kw["model"]])
+        check_output_name(kw["output"], "keras", what=f"{f.__name__[:-4].replace('_', '-')} "
+                          "writes a Keras model (.keras)")
+        return f(**kw)
+    return guarded
 
 
 def _common(f):
-    f = _output_checked_first(f)
+    f = _refuse_early(f)
     f = click.option("--json", "as_json", is_flag=True,
                      help="Print the plan (and the result) as one JSON object.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option("--slots", type=_SLOTS, default="follow", show_default=True,
                      help="Optimizer slots of touched tensors: follow (same index map; "
                           "rescaled consistently, new tensors zero) or reset (zero).")(f)
-    f = click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+    f = click.option("-o", "--output", type=click.Path(), default=None,
                      help="Output .keras file (required unless --dry-run).")(f)
     return click.argument("model", type=click.Path())(f)
 
 
 def _run(plan, output, dry_run, as_json):
-    from . import structure
+    from surgeon import structure
     if not dry_run and not output:
         raise SurgeonError("-o/--output is required (or pass --dry-run)")
     result = None if dry_run else structure.execute(plan, output)
@@ -69,18 +77,18 @@ def _spec(text):
               help="Relative std of noise added to the new units (breaks symmetry; the function "
                    "is then only approximately preserved).")
 def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
-    """Net2WiderNet: grow a Dense/Conv layer, computing the same function.
+    """Net2WiderNet: grow a Dense/Conv layer.
 
-    New units replicate randomly chosen existing ones; the next layers' incoming weights
-    are divided by each unit's replication count; BatchNorm in between follows. Slots
-    (follow): replicated units' slots / count (second moments / count^2); consumer rows
-    copied.
+    The widened model computes the same function. New units replicate randomly chosen
+    existing ones; the next layers' incoming weights are divided by each unit's
+    replication count; BatchNorm in between follows. Slots (follow): replicated units'
+    slots / count (second moments / count^2); consumer rows copied.
 
     \b
     Example:
       surgeon widen fixtures/structure/mlp_adam.keras --layer fc1 --to 16 -o wide.keras
     """
-    from .structure import plan_widen
+    from surgeon.structure import plan_widen
     _run(plan_widen(model, layer, to, seed=seed, noise=noise, slots=slots), output, dry_run, as_json)
 
 
@@ -92,13 +100,16 @@ def widen_cmd(model, output, slots, dry_run, as_json, layer, to, seed, noise):
 @click.option("--kernel-size", type=int, default=3, show_default=True, help="For Conv layers.")
 @click.option("--name", default=None, help="Name of the new layer (default AFTER_deep).")
 def deepen_cmd(model, output, slots, dry_run, as_json, after, activation, kernel_size, name):
-    """Net2DeeperNet: insert an identity-initialised Dense/Conv layer (same function).
+    """Net2DeeperNet: insert an identity layer.
+
+    An identity-initialised Dense/Conv layer after AFTER (same function). The output
+    layer itself cannot be deepened (the new layer would become the model's output).
 
     \b
     Example:
       surgeon deepen fixtures/structure/convbn_sgdm.keras --after relu1 -o deep.keras
     """
-    from .structure import plan_deepen
+    from surgeon.structure import plan_deepen
     _run(plan_deepen(model, after, activation=activation, kernel_size=kernel_size, name=name,
                      slots=slots), output, dry_run, as_json)
 
@@ -115,14 +126,16 @@ def _channels(text):
 @click.option("--layer", required=True, help="Dense/Conv layer whose output channels go.")
 @click.option("--channels", required=True, help="Comma-separated channel indices, e.g. 0,3.")
 def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels):
-    """Delete units/filters and the matching inputs of every downstream consumer
-    (through BatchNorm, Flatten, Concatenate, and Add when all branches can follow).
+    """Delete channels and their downstream inputs.
+
+    Units/filters go, with the matching inputs of every downstream consumer (through
+    BatchNorm, Flatten, Concatenate, and Add when all branches can follow).
 
     \b
     Example:
       surgeon delete-channels fixtures/structure/residual_rms.keras --layer c2 --channels 0,3 -o small.keras
     """
-    from .structure import plan_delete_channels
+    from surgeon.structure import plan_delete_channels
     _run(plan_delete_channels(model, layer, _channels(channels), slots=slots), output, dry_run, as_json)
 
 
@@ -133,13 +146,15 @@ def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels)
 @click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="Channel score: norm of its kernel slice; the smallest go.")
 def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
-    """Delete the weakest channels of a layer (by kernel norm), like delete-channels.
+    """Delete a layer's weakest channels.
+
+    The channels with the smallest kernel norm go, as with delete-channels.
 
     \b
     Example:
       surgeon prune-channels fixtures/structure/convbn_sgdm.keras --layer conv2 --fraction 0.25 -o pruned.keras
     """
-    from .structure import plan_prune_channels
+    from surgeon.structure import plan_prune_channels
     _run(plan_prune_channels(model, layer, fraction, by=by, slots=slots), output, dry_run, as_json)
 
 
@@ -147,13 +162,15 @@ def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, 
 @_common
 @click.option("--layer", required=True, help="Single-input layer to remove.")
 def delete_layer_cmd(model, output, slots, dry_run, as_json, layer):
-    """Remove a layer; its consumers take its input. Other layers keep weights and slots.
+    """Remove a layer; its consumers take its input.
+
+    Other layers keep their weights and slots.
 
     \b
     Example:
       surgeon delete-layer deep.keras --layer relu1_deep -o back.keras
     """
-    from .structure import plan_delete_layer
+    from surgeon.structure import plan_delete_layer
     _run(plan_delete_layer(model, layer, slots=slots), output, dry_run, as_json)
 
 
@@ -162,16 +179,21 @@ def delete_layer_cmd(model, output, slots, dry_run, as_json, layer):
 @click.option("--after", required=True, help="Layer whose output feeds the new layer.")
 @click.option("--layer-json", required=True,
               help='Built-in Keras layer: {"class_name": "Dropout", "config": {"rate": 0.1}}.')
-@click.option("--name", default=None, help="Name of the new layer (or config.name).")
+@click.option("--name", default=None,
+              help="Name of the new layer (default: config.name, else a fresh Keras-style name "
+                   "such as dropout or dense_1 that no layer of the model has).")
 def insert_layer_cmd(model, output, slots, dry_run, as_json, after, layer_json, name):
-    """Insert a built-in Keras layer after another (new weights: Keras init, zero slots).
+    """Insert a built-in Keras layer after another.
+
+    New weights get Keras' initialisers and zero slots. Without --name (or config.name)
+    the layer gets a fresh Keras-style name (dropout, dense_1, ...).
 
     \b
     Example:
       surgeon insert-layer fixtures/structure/mlp_adam.keras --after fc1 \\
           --layer-json '{"class_name": "Dropout", "config": {"rate": 0.1}}' --name drop -o d.keras
     """
-    from .structure import plan_insert_layer
+    from surgeon.structure import plan_insert_layer
     _run(plan_insert_layer(model, after, _spec(layer_json), name=name, slots=slots),
          output, dry_run, as_json)
 
@@ -182,14 +204,16 @@ def insert_layer_cmd(model, output, slots, dry_run, as_json, after, layer_json, 
 @click.option("--layer-json", required=True, help="Built-in Keras layer spec (class_name, config).")
 @click.option("--name", default=None, help="Name of the new layer (default: the old name).")
 def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json, name):
-    """Replace a layer; weights of the same name and shape (and their slots) are kept.
+    """Replace a layer, keeping weights that fit.
+
+    Weights of the same name and shape (and their slots) are kept.
 
     \b
     Example:
       surgeon replace-layer fixtures/structure/mlp_adam.keras --layer fc2 \\
           --layer-json '{"class_name": "Dense", "config": {"units": 8, "activation": "tanh"}}' -o r.keras
     """
-    from .structure import plan_replace_layer
+    from surgeon.structure import plan_replace_layer
     _run(plan_replace_layer(model, layer, _spec(layer_json), name=name, slots=slots),
          output, dry_run, as_json)
 

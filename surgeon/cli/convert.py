@@ -37,8 +37,10 @@ def _render(report) -> str:
               help="For a bare .weights.h5 source: the .keras file or config.json it belongs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
-    """Convert SRC to DST (.keras, .weights.h5, legacy .h5 or a TF checkpoint prefix such
-    as out/model.ckpt), optimizer state included.
+    """Convert between formats, optimizer included.
+
+    SRC to DST: .keras, .weights.h5, legacy .h5 or a TF checkpoint prefix such as
+    out/model.ckpt, optimizer state included.
 
     Keras 3 writes an empty copy of the target model (compiled with the source's
     optimizer); surgeon fills every tensor from SRC, matching by canonical name, then
@@ -55,7 +57,7 @@ def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
       surgeon convert fixtures/cnn_adam.weights.h5 out.keras --model fixtures/cnn_adam.keras
       surgeon convert old.h5 new.keras --like mypkg.models:build --allow-missing --json
     """
-    from .convert import convert
+    from surgeon.convert import convert
 
     report = convert(src, dst, like=like, optimizer=optimizer, allow_missing=allow_missing,
                      model=model)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._tf import import_tf
+from surgeon.core.tf import import_tf
 
 
 def _progress(total, enabled):
@@ -71,8 +71,9 @@ def _summary(res) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, allow_missing,
                reset_optimizer, strategy, deterministic, as_json):
-    """Restore weights AND optimizer state by canonical name, then keep training.
+    """Keep training with exact optimizer state.
 
+    Weights AND optimizer state are restored by canonical name, then training continues.
     Every weight, optimizer slot, the iteration counter and the learning rate are
     restored (not by Keras' positional loader). A checkpoint that does not fit the model
     is reported in full and nothing runs (exit 2). The data stream skips the batches the
@@ -85,12 +86,14 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
       surgeon resume fixtures/nested_adamw.weights.h5 --model fixtures/nested_adamw.keras \\
           --data recipes/example_data.py:nested_data --steps 5 -o /tmp/n.weights.h5 --json
     """
-    from .train import resume
-    from .train.loop import check_arguments
+    from surgeon.train.checkpoint import check_output
+    check_output(checkpoint, output, model)  # before TensorFlow loads: nothing else is done
+    from surgeon.train import resume
+    from surgeon.train.loop import check_arguments
     check_arguments(checkpoint, data, steps, output, model)  # before TensorFlow loads
     if deterministic:
         import_tf().config.experimental.enable_op_determinism()
-    from .train import FitError
+    from surgeon.train import FitError
     try:
         res = resume(checkpoint, data=data, steps=steps, output=output, model=model,
                      every=every, seed=seed, batch_size=batch_size, allow_missing=allow_missing,

@@ -51,13 +51,30 @@ def plan_text(plan) -> str:
         for n in r["unused_sources"]:
             lines.append(f"      unused source {n}")
     touched = len({s.target for s in plan.steps})
-    lines.append(f"{touched} tensor(s) changed, {sum(1 for s in plan.steps for _, p in s.slots if p != 'keep')} "
-                 "slot change(s); everything else copied as stored")
+    slots = sum(1 for s in plan.steps for _, p in s.slots if p != "keep")
+    tensor_part = f"{touched} tensor(s) changed, {slots} slot change(s)"
+    if plan.structural:
+        tensor_part = f"{structural_summary(plan.structural)}; then {tensor_part} by the tensor ops"
+    lines.append(f"{tensor_part}; everything else copied as stored")
     return "\n".join(lines)
 
 
+def structural_summary(structural) -> str:
+    """``widen (fc1): 3 tensor(s) rewritten, 1 new, 0 removed`` for each structural edit."""
+    parts = []
+    for st in structural:
+        p = st.get("plan") or {}
+        actions = p.get("actions", [])
+        new = sum(1 for a in actions if a.get("source") is None)
+        layers = ", ".join(p.get("new_layers", []) + p.get("changed_layers", []))
+        parts.append(f"{p.get('op', '?')}{f' ({layers})' if layers else ''}: "
+                     f"{len(actions) - new} tensor(s) rewritten, {new} new, "
+                     f"{len(p.get('removed', []))} removed (slots {p.get('slots', '?')})")
+    return "; ".join(parts)
+
+
 def _run(rec, dry_run, as_json, progress, hash_inputs=True):
-    from .execute import apply
+    from surgeon.recipe.execute import apply
     plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
                         make_dirs=True, hash_inputs=hash_inputs)
     for w in plan.warnings:
@@ -66,12 +83,14 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
         out = {"plan": plan.to_json(), "dry_run": dry_run}
         if stats:
             out["written"] = {"output": plan.output, "tensors": stats.tensors, "slots": stats.slots,
-                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3)}
+                              "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
+                              "structural_edits": len(plan.structural)}
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(plan_text(plan))
     if stats:
-        click.echo(f"wrote {plan.output} ({stats.tensors} tensors, {stats.slots} slots changed, "
+        edits = f"{len(plan.structural)} structural edit(s), then " if plan.structural else ""
+        click.echo(f"wrote {plan.output} ({edits}{stats.tensors} tensors, {stats.slots} slots changed, "
                    f"{stats.seconds:.2f}s)")
     else:
         click.echo("dry run: nothing written")
@@ -91,7 +110,7 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
 def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
-    """Apply a recipe (recipe.py or recipe.toml) to a checkpoint.
+    """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
     written twice); then every affected tensor and its optimizer slots are streamed to the
@@ -104,7 +123,7 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
       surgeon apply recipes/shrink_perturb.toml -i fixtures/cnn_adam.keras -o out/sp.keras
       surgeon apply recipes/reset_head.py --set ops.0.seed=7 --set iteration=reset --json
     """
-    from .recipe import apply_overrides, load_recipe
+    from surgeon.recipe import apply_overrides, load_recipe
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
     _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs)
 
@@ -124,9 +143,10 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json):
-    """Copy layers (weights and optimizer slots) from SRC into DST, written to OUTPUT.
+    """Copy layers and their slots from SRC to DST.
 
-    The one-line form of a recipe with a single transplant op.
+    Weights and optimizer slots of the chosen layers of SRC go into DST, written to
+    OUTPUT. The one-line form of a recipe with a single transplant op.
 
     \b
     Examples:
@@ -134,8 +154,8 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
           -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn --iteration 3
       surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
     """
-    from .recipe import Recipe, check_iteration, declare
-    from .recipe.schema import Where
+    from surgeon.recipe import Recipe, check_iteration, declare
+    from surgeon.recipe.schema import Where
     where = Where("surgeon transplant", 0)
     if not layers:
         layers = ("*",)
@@ -151,16 +171,19 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full history as JSON.")
 def log_cmd(checkpoint, as_json):
-    """Print the surgery history embedded in a checkpoint (oldest first).
+    """Print the surgery log embedded in a file.
+
+    Every surgeon output carries its history (oldest first): tool version, recipe,
+    inputs with their sha256, what was done.
 
     \b
     Examples:
       surgeon log out/transfer_backbone.keras
       surgeon log out/transfer_backbone.keras --json
     """
-    from .errors import SurgeonError
-    from .formats import detect
-    from .provenance import check_readable
+    from surgeon.core.errors import SurgeonError
+    from surgeon.formats import detect
+    from surgeon.formats.provenance import check_readable
     detect(checkpoint)
     history = check_readable(checkpoint)
     if as_json:
@@ -179,6 +202,11 @@ def log_cmd(checkpoint, as_json):
             for st in plan.get("structural", []):
                 args = ", ".join(f"{k}={v}" for k, v in st.get("params", {}).items() if not k.startswith("_"))
                 click.echo(f"   {st['op']}({args})")
+            if rec.get("summary"):  # commands other than apply: what they did
+                did = ", ".join(f"{k}={v}" for k, v in rec["summary"].items()
+                                if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+                click.echo(f"   {rec.get('command')}: {did}")
+                continue
             ops = {}
             for s in plan["steps"]:
                 ops[s["op"]] = ops.get(s["op"], 0) + 1

@@ -14,8 +14,8 @@ import re
 import warnings
 from pathlib import Path
 
-from ._tf import import_keras, import_tf, tf_module
-from .errors import SurgeonError
+from surgeon.core.tf import import_keras, import_tf, tf_module
+from surgeon.core.errors import SurgeonError
 
 # Arguments Keras 3 removed, dropped from legacy configs before deserialising.
 REMOVED_ARGS = {"Embedding": ("input_length",), "LSTM": ("time_major",), "GRU": ("time_major",),
@@ -153,7 +153,9 @@ def model_from_like(like):
         if not isinstance(model, keras.Model):
             raise SurgeonError(f"--like {like}: did not return a keras.Model")
         return model, None
-    from .formats.keras_zip import read_zip_json
+    if not Path(like).exists():
+        raise SurgeonError(f"--like {like}: no such file (expected MODEL.keras or module:function)")
+    from surgeon.formats.keras_zip import read_zip_json
     config = read_zip_json(like, "config.json")
     model, _ = model_from_config({k: config[k] for k in ("class_name", "config", "module",
                                                          "registered_name") if k in config},

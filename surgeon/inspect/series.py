@@ -4,8 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .diff import CHUNK_BYTES, _keep, diff_checkpoints, finite_or_none, model_for
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
+from surgeon.inspect.diff import _keep, diff_checkpoints, model_for
+from surgeon.inspect.stream import CHUNK_BYTES, finite_or_none
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _layer_rel(result):
 
 def diff_series(paths, *, model=None, only=None, chunk_bytes=CHUNK_BYTES) -> SeriesResult:
     """Drift of every layer's weights over a run (checkpoint 0 as the reference)."""
-    from .formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     paths = expand_series(paths)
     kw = dict(only=only, ignore_optimizer=True, chunk_bytes=chunk_bytes)
     first = open_checkpoint(paths[0], model=model_for(paths[0], model))

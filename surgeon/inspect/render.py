@@ -65,7 +65,19 @@ def ls_text(meta: dict, entries) -> str:
         lines.append("optimizer: none stored")
     for note in meta.get("notes", []):
         lines.append(f"note: {note}")
-    n_weights = sum(1 for e in entries if e.role in ("param", "state"))
-    lines.append(f"total: {n_weights} weights, {total_params:,} values, {human_bytes(total_bytes)}; "
-                 f"{len(entries)} tensors with optimizer state")
+    lines.append(totals_line(entries, total_params, total_bytes))
     return "\n".join(lines)
+
+
+def totals_line(entries, values, nbytes) -> str:
+    """``total: 12 weights, 327 values, 1.3 KB; 8 params with optimizer slots; 30 tensors in
+    all (16 slots, 2 optimizer globals)`` -- each count is what its words say."""
+    n_weights = sum(1 for e in entries if e.role in ("param", "state"))
+    n_slots = sum(1 for e in entries if e.role == "slot")
+    n_globals = sum(1 for e in entries if e.role == "optimizer")
+    with_slots = len({e.slot_of for e in entries if e.role == "slot" and e.slot_of})
+    extra = ", ".join(([f"{n_slots} slot{'s' * (n_slots != 1)}"] if n_slots else []) +
+                      ([f"{n_globals} optimizer global{'s' * (n_globals != 1)}"] if n_globals else []))
+    return (f"total: {n_weights} weights, {values:,} values, {human_bytes(nbytes)}; "
+            f"{with_slots} params with optimizer slots; {len(entries)} tensors in all"
+            + (f" ({extra})" if extra else ""))

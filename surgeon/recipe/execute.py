@@ -5,14 +5,15 @@ largest touched tensor plus its slots.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .ops import registry
-from .ops.base import slot_power
-from .ops.cast import np_dtype
+from surgeon.ops import registry
+from surgeon.ops.base import slot_power
+from surgeon.ops.cast import np_dtype
 
 
 @dataclass
@@ -99,9 +100,12 @@ class _SlotState:
 def open_output(out, reader, plan, patch=True):
     """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
     (fastest, every other byte is the input's), else the rebuilding lossless writer."""
-    from .formats import open_writer
+    from surgeon.core import atomic
+    from surgeon.formats import check_output_name, open_writer
+    atomic.check_output(out, [reader.path])
+    check_output_name(out, reader.format, reader.path)
     if patch and all(s.dtype == s.new_dtype for s in plan.steps):
-        from .formats.keras_patch import open_patch_writer
+        from surgeon.formats.keras_patch import open_patch_writer
         writer = open_patch_writer(out, reader)
         if writer is not None:
             return writer
@@ -130,11 +134,14 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     """
     from pathlib import Path
 
-    from . import __version__, provenance
-    from .errors import RecipeError
+    from surgeon.core import __version__
+    from surgeon.formats import provenance
+    from surgeon.core.errors import RecipeError
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
-    from .structure import recipe_ops
+    from surgeon.recipe import structural as recipe_ops
+    if not dry_run and recipe.output:  # refuse before any work
+        _check_output(recipe, origin)
     rewrites, rest = recipe_ops.split(recipe)
     if rewrites:
         # Whole-model rewrites first (into a private temp dir), then the tensor ops on the result.
@@ -164,8 +171,8 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             if make_dirs:
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
-            if out.exists() and out.resolve() == Path(reader.path).resolve():
-                raise RecipeError(f"{out}: output is the input; choose another output path")
+            from surgeon.core import atomic
+            atomic.check_output(out, [first, recipe.model, *ctx.sources])
             with open_output(out, reader, plan, patch) as writer:
                 stats = run(plan, ctx, writer, progress)
                 history = provenance.read_log(first)
@@ -176,3 +183,15 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         finally:
             hasher.close()
             ctx.close()
+
+
+def _check_output(recipe, origin=None):
+    """The output is not an input, and its name announces the format apply writes (the
+    input's)."""
+    from surgeon.core import atomic
+    from surgeon.formats import check_output_name, detect
+    first = origin or recipe.input
+    atomic.check_output(recipe.output, [first, recipe.input, recipe.model])
+    inp = recipe.input
+    if inp and origin is None and (os.path.exists(inp) or os.path.exists(f"{inp}.index")):
+        check_output_name(recipe.output, detect(inp), inp)

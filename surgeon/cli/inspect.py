@@ -1,4 +1,5 @@
-"""CLI commands ``surgeon diff`` and ``surgeon audit`` (thin wrappers over surgeon.diff/audit)."""
+"""CLI commands ``surgeon ls``, ``surgeon diff`` and ``surgeon audit`` (thin wrappers over
+surgeon.inspect: render, diff, series, audit, report)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import sys
 
 import click
 
-from .errors import SurgeonError
+from surgeon.core.errors import SurgeonError
 
 
 def _size(text):
@@ -16,6 +17,41 @@ def _size(text):
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except (ValueError, IndexError):
         raise SurgeonError(f"--chunk {text!r}: expected a size like 8M, 512K or 1G") from None
+
+
+@click.command("ls")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="For a bare .weights.h5: the .keras file or config.json it belongs to "
+                   "(gives the trainable order needed to bind optimizer slots).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
+def ls_cmd(checkpoint, model, as_json):
+    """List tensors, optimizer slots and totals.
+
+    The tree of a checkpoint: layer -> weights (shape, dtype, values, bytes, role, the
+    optimizer slots each param has), then the optimizer and totals. Reads no tensor data
+    (only the iteration counter) and never imports TensorFlow for H5-based formats.
+
+    \b
+    Examples:
+      surgeon ls fixtures/cnn_adam.keras
+      surgeon ls fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
+    """
+    from surgeon.formats import open_checkpoint
+    from surgeon.inspect.render import ls_json, ls_text
+
+    with open_checkpoint(checkpoint, model=model) as ck:
+        meta, entries = ck.metadata(), ck.entries()
+    if as_json:
+        click.echo(json.dumps(ls_json(meta, entries), indent=1))
+    else:
+        click.echo(ls_text(meta, entries))
+
+
+def _plotted(path):
+    """Say where the PNG went (stderr, so --json and --markdown stay clean on stdout)."""
+    from surgeon.inspect.report import PLOT_SIZE
+    click.echo(f"surgeon: wrote plot {path} ({PLOT_SIZE[0]}x{PLOT_SIZE[1]} px)", err=True)
 
 
 @click.command("diff")
@@ -43,10 +79,11 @@ def _size(text):
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
              as_json, markdown, plot, chunk):
-    """Compare two checkpoints tensor by tensor (any formats, by canonical name).
+    """Compare two checkpoints tensor by tensor.
 
-    Per tensor: status (equal, changed, reshaped, retyped, added, removed), max |B-A|,
-    relative L2 change |B-A|/|A|, cosine, fraction of elements changed, norms. A param
+    Any two formats, paired by canonical name. Per tensor: status (equal, changed,
+    reshaped, retyped, added, removed), max |B-A|, relative L2 change |B-A|/|A|, cosine,
+    fraction of elements changed, norms. A param
     that changed while its optimizer slots did not (or the reverse) is flagged.
     Exit code: 0 equal within tolerance, 1 different, 2 error.
 
@@ -58,16 +95,19 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
       surgeon diff a.keras b.keras --markdown --plot change.png
       surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
     """
-    from . import diff, report
-    from .formats import detect
+    from surgeon.core import atomic
+    from surgeon.formats import detect
+    from surgeon.inspect import diff, report
+    if plot:  # the plot is an output: never one of the inputs
+        atomic.check_output(plot, [*checkpoints, model, model_b])
     chunk_bytes = _size(chunk)
     for path in checkpoints:  # all found before one is opened (a TF checkpoint loads TF)
         detect(path)
     if series:
-        from .diff_series import diff_series
+        from surgeon.inspect.series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
         if plot:
-            report.plot_series(res, plot)
+            _plotted(report.plot_series(res, plot))
         out = (json.dumps(res.to_json(), indent=1) if as_json
                else report.series_markdown(res) if markdown else report.series_text(res))
         click.echo(out)
@@ -79,7 +119,7 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
                           ignore_optimizer=ignore_optimizer, maps=maps, chunk_bytes=chunk_bytes,
                           sample=diff.SAMPLE_PER_TENSOR if plot else 0)
     if plot:
-        report.plot_diff(res, plot)
+        _plotted(report.plot_diff(res, plot))
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1))
     elif markdown:
@@ -100,9 +140,11 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
               help="Report kernels with RMS x sqrt(fan-in) above this.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
 def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
-    """Check a checkpoint's health: NaN/Inf, zero/constant/dead/exploding kernels,
-    optimizer slots missing, extra or mismatched, masked weights with moments,
-    moments reset at a large iteration, mixed dtypes.
+    """Check a checkpoint's health.
+
+    NaN/Inf, zero/constant/dead/exploding kernels, optimizer slots missing, extra or
+    mismatched, masked weights with moments, second moments reset at a large iteration,
+    mixed dtypes.
 
     Findings have a severity (error, warning, info) and a code. Exit code: 1 when any
     finding is an error, 0 otherwise, 2 when the file cannot be read.
@@ -112,7 +154,7 @@ def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, c
       surgeon audit fixtures/cnn_adam.keras
       surgeon audit fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
     """
-    from . import audit, report
+    from surgeon.inspect import audit, report
     res = audit.audit_path(checkpoint, model=model, chunk_bytes=_size(chunk),
                            iteration_threshold=iteration_threshold, norm_threshold=norm_threshold)
     click.echo(json.dumps(res.to_json(), indent=1) if as_json else report.audit_text(res))
@@ -120,5 +162,6 @@ def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, c
 
 
 def register(main):
+    main.add_command(ls_cmd)
     main.add_command(diff_cmd)
     main.add_command(audit_cmd)

@@ -12,20 +12,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import RecipeError, SurgeonError
+from surgeon.core.errors import RecipeError, SurgeonError
 
 NAMES = ("widen", "deepen", "delete_channels", "prune_channels", "insert_layer",
          "delete_layer", "replace_layer")
 
 
 def _planner(name):
-    from . import PLANNERS
+    from surgeon.structure import PLANNERS
     return PLANNERS[name]
 
 
 def declare(op_name, params, where):
     """An OpSpec for a structural op, its parameters checked against the planner's."""
-    from ..recipe.schema import OpSpec
+    from surgeon.recipe.schema import OpSpec
     params = {k: v for k, v in params.items() if not (k == "select" and v == "*")}
     try:
         inspect.signature(_planner(op_name)).bind("model.keras", **params)
@@ -50,7 +50,7 @@ def split(recipe):
 def run(source, specs, workdir):
     """Apply ``specs`` in order starting from ``source``; returns (final path, plans): each plan
     is ``{"where", "text", "plan"}`` (the structural plan's text and JSON)."""
-    from . import execute
+    from surgeon.structure import execute
     current, plans = str(source), []
     if specs and Path(current).suffix != ".keras":
         raise RecipeError(f"{specs[0].where}: op {specs[0].op!r}: structural ops need a .keras "
@@ -59,7 +59,7 @@ def run(source, specs, workdir):
         try:
             plan = _planner(spec.op)(current, **spec.kwargs)
             nxt = str(Path(workdir) / f"step{i + 1}.keras")
-            execute(plan, nxt)
+            execute(plan, nxt, log=False)
         except SurgeonError as exc:
             raise RecipeError(f"{spec.where}: op {spec.op!r}: {exc}") from None
         plans.append({"where": str(spec.where), "text": plan.text(), "plan": plan.to_json()})

@@ -1,4 +1,10 @@
-"""Command-line interface: thin click commands over the library."""
+"""cli: the command line -- the click group ``main`` and the error mapping (a ``SurgeonError``
+or an environment ``OSError`` becomes one ``surgeon: error: ...`` line and exit 2) live here;
+each command group is a module of its own mirroring a library package (``inspect``: ls, diff,
+audit; ``recipe``: apply, transplant, log; ``convert``; ``structure``: widen, deepen, ...;
+``train``: resume). Each command parses arguments, calls one library function and renders
+the result. May import every library package; nothing imports the cli.
+"""
 from __future__ import annotations
 
 import errno
@@ -8,8 +14,8 @@ import sys
 
 import click
 
-from ._tf import VERBOSE_ENV
-from .errors import SurgeonError
+from surgeon.core.tf import VERBOSE_ENV
+from surgeon.core.errors import SurgeonError
 
 # OSErrors that are the environment's answer, not a bug: one line, exit 2.
 _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -52,41 +58,17 @@ def main(verbose):
         os.environ[VERBOSE_ENV] = "1"
 
 
-@main.command("ls")
-@click.argument("checkpoint", type=click.Path())
-@click.option("--model", type=click.Path(), default=None,
-              help="For a bare .weights.h5: the .keras file or config.json it belongs to "
-                   "(gives the trainable order needed to bind optimizer slots).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
-def ls_cmd(checkpoint, model, as_json):
-    """List a checkpoint's tensors: layers, weights, optimizer slots, totals.
-
-    Reads no tensor data (only the iteration counter) and never imports TensorFlow for
-    H5-based formats.
-
-    \b
-    Examples:
-      surgeon ls fixtures/cnn_adam.keras
-      surgeon ls fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
-    """
-    from .formats import open_checkpoint
-    from .render import ls_json, ls_text
-
-    with open_checkpoint(checkpoint, model=model) as ck:
-        meta, entries = ck.metadata(), ck.entries()
-    if as_json:
-        click.echo(json.dumps(ls_json(meta, entries), indent=1))
-    else:
-        click.echo(ls_text(meta, entries))
+# one module per command group, mirroring the library's packages
+GROUPS = ("inspect", "recipe", "convert", "structure", "train")
 
 
 def _register_commands():
-    """Commands live in their own modules (surgeon/cli_*.py); each defines ``register(main)``."""
+    """Commands live in their own modules (surgeon/cli/<group>.py); each defines ``register(main)``."""
     import importlib
     import importlib.util
-    for name in ("cli_apply", "cli_convert", "cli_diff", "cli_resume", "cli_tools"):
-        if importlib.util.find_spec(f"surgeon.{name}") is not None:
-            importlib.import_module(f"surgeon.{name}").register(main)
+    for name in GROUPS:
+        if importlib.util.find_spec(f"surgeon.cli.{name}") is not None:
+            importlib.import_module(f"surgeon.cli.{name}").register(main)
 
 
 _register_commands()

@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RecipeError, SurgeonError
-from .ops import registry
+from surgeon.core.errors import RecipeError, SurgeonError
+from surgeon.ops import registry
+from surgeon.recipe.schema import spell
 
 ADAM_LIKE = ("Adam", "AdamW", "Nadam", "Lamb", "Adamax")
 
@@ -53,7 +54,7 @@ class PlanContext:
         self.reports = []
         self.op_index = 0
         self._masks = None
-        from .formats import REGISTRY
+        from surgeon.formats import REGISTRY
         mod, _, writer = REGISTRY.get(reader.format, (None, None, None))
         self.writer_class = _writer_class(mod, writer)
 
@@ -87,7 +88,7 @@ class PlanContext:
         """A reader for a source checkpoint (a path or a name from the recipe's sources)."""
         path = self.recipe.source_path(name) if self.recipe else name
         if path not in self.sources:
-            from .formats import open_checkpoint
+            from surgeon.formats import open_checkpoint
             try:
                 self.sources[path] = open_checkpoint(path)
             except SurgeonError as exc:
@@ -97,7 +98,7 @@ class PlanContext:
 
     def existing_mask(self, name):
         if self._masks is None:
-            from .ops.mask import read_masks
+            from surgeon.ops.mask import read_masks
             self._masks = read_masks(self.reader) if hasattr(self.reader, "read_key") else {}
         return self._masks.get(name)
 
@@ -134,8 +135,8 @@ def make_plan(recipe, ctx: PlanContext, output=None) -> Plan:
                 prev = written.get(name)
                 if prev is not None and prev is not spec and not spec.get("again"):
                     raise RecipeError(f"{spec.where}: op {spec.op!r}: {name} is already written by "
-                                      f"op {prev.op!r} ({prev.where}); pass again=True to apply "
-                                      "both in order")
+                                      f"op {prev.op!r} ({prev.where}); to apply both in order, add "
+                                      f"{spell(spec.where, 'again', True)} to this op")
                 written[name] = spec
         steps.extend(op_steps)
     iteration = _iteration(recipe, ctx)
@@ -143,7 +144,7 @@ def make_plan(recipe, ctx: PlanContext, output=None) -> Plan:
         raise RecipeError(f"{recipe.where}: iteration policy and an op both write optimizer/iteration")
     plan = Plan(str(ctx.reader.path), str(output) if output else recipe.output, ctx.reader.format,
                 steps, iteration, ctx.reports, recipe=recipe.path)
-    plan.warnings.extend(_bias_warnings(plan, ctx))
+    plan.warnings.extend(_bias_warnings(plan, ctx, recipe.where))
     return plan
 
 
@@ -160,8 +161,8 @@ def _iteration(recipe, ctx):
         return None
     e = ctx.by_name.get("optimizer/iteration")
     if e is None:
-        raise RecipeError(f"{recipe.where}: iteration={policy!r}, but {ctx.reader.path} "
-                          "has no optimizer iteration counter")
+        raise RecipeError(f"{recipe.where}: {spell(recipe.where, 'iteration', policy)}, but "
+                          f"{ctx.reader.path} has no optimizer iteration counter")
     info = ctx.reader.metadata().get("optimizer") or {}
     after = 0 if policy == "reset" else int(policy)
     return {"target": e.name, "policy": policy if policy == "reset" else f"set {after}",
@@ -176,7 +177,7 @@ def adam_first_step_ratio(t: int, beta_1=0.9, beta_2=0.999) -> float:
     return m_hat / math.sqrt(v_hat)
 
 
-def _bias_warnings(plan, ctx):
+def _bias_warnings(plan, ctx, where=None):
     info = ctx.reader.metadata().get("optimizer") or {}
     cls = info.get("class_name")
     if cls not in ADAM_LIKE:
@@ -191,13 +192,13 @@ def _bias_warnings(plan, ctx):
         return []
     return [f"{len(reset)} tensor(s) get zeroed {cls} slots at iteration {t} (e.g. {reset[0]}): "
             f"their first updates will be ~{ratio:.1f}x a normal step because bias correction "
-            "no longer compensates; use slots='warm' (second moments kept at their mean) or "
-            "iteration='reset'"]
+            f"no longer compensates; use {spell(where, 'slots', 'warm')} (second moments kept at "
+            f"their mean) or {spell(where, 'iteration', 'reset')}"]
 
 
 def open_input(recipe):
     """Open the recipe's input checkpoint (with its ``model``) as a reader."""
-    from .formats import open_checkpoint
+    from surgeon.formats import open_checkpoint
     if not recipe.input:
         raise RecipeError(f"{recipe.path}: the recipe names no input; pass -i CHECKPOINT")
     if not Path(recipe.input).exists() and not Path(str(recipe.input) + ".index").exists():
@@ -208,5 +209,5 @@ def open_input(recipe):
 def model_json_for(recipe):
     if recipe.model is None:
         return None
-    from .formats.keras_h5 import read_model_json
+    from surgeon.formats.keras_h5 import read_model_json
     return read_model_json(recipe.model)

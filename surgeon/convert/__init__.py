@@ -1,4 +1,8 @@
-"""Convert any readable checkpoint to ``.keras``, ``.weights.h5`` or legacy ``.h5``,
+"""convert: conversion between formats, optimizer state included -- ``convert()`` (here) and
+the Keras skeleton of the target (:mod:`~surgeon.convert.skeleton`). May import core, binding
+and formats; Keras/TensorFlow only on use. Not recipe, ops, inspect, train or cli.
+
+Convert any readable checkpoint to ``.keras``, ``.weights.h5`` or legacy ``.h5``,
 optimizer state included.
 
 Approach: Keras 3 writes an empty *skeleton* of the target (model compiled with the
@@ -18,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SurgeonError
-from .formats import open_checkpoint, open_writer
-from .tree import slot_name
+from surgeon.core.errors import SurgeonError
+from surgeon.formats import open_checkpoint, open_writer
+from surgeon.core.tree import slot_name
 
 NO_CONFIG = ("{label}: holds no model config; pass --like MODEL.keras or --like "
              "module:function (or --model for a .weights.h5)")
@@ -140,10 +144,19 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
     pairs, missing = [], []
     src_slots = [e for e in s_entries if e.role == "slot" and e.slot_of]
     unresolved = [e for e in s_entries if e.role == "slot" and not e.slot_of]
-    if unresolved:
-        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved and "
-                            "cannot be moved")
     t_slots = [t for t in t_entries if t.role == "slot"]
+    if unresolved and t_slots:
+        # Optimizer state the source holds but that cannot be tied to its weights: moving
+        # none of it (a fresh optimizer) must be asked for.
+        raise SurgeonError(
+            f"{report.source}: cannot move the optimizer state: {len(unresolved)} of its "
+            f"{len(unresolved) + len(src_slots)} slot(s) are not bound to weights "
+            f"(first: {unresolved[0].name}; see `surgeon ls {report.source}`); pass --model "
+            "when the source is a bare weights file, or --optimizer drop to write a fresh "
+            "optimizer (zero slots, iteration 0)")
+    if unresolved and not any(n.startswith("optimizer state dropped") for n in report.notes):
+        report.notes.append(f"{len(unresolved)} source optimizer slot(s) are unresolved; the "
+                            "target optimizer has no slots for them")
     if t_slots and not src_slots:
         report.notes.append("the source holds no bound optimizer state: the target optimizer "
                             "starts fresh (zero slots, iteration 0)")
@@ -167,7 +180,7 @@ def _plan_slots(s_entries, t_entries, wpairs, src_names, report):
 
 def _source_model(src, like, label):
     """A Keras 3 model for the target, and the compile config to fall back on."""
-    from . import convert_skeleton as sk
+    from surgeon.convert import skeleton as sk
     if like is not None:
         return sk.model_from_like(like), []
     config = getattr(src, "model_config", None) or getattr(src, "config", None)
@@ -181,7 +194,7 @@ def _source_model(src, like, label):
 
 
 def _optimizer(src, compile_config, mode, report, label):
-    from . import convert_skeleton as sk
+    from surgeon.convert import skeleton as sk
     if mode == "drop":
         report.notes.append("optimizer state dropped (--optimizer drop)")
         return None, None
@@ -210,7 +223,7 @@ def _cast(arr, dtype):
     return arr
 
 
-def _fill(src, skel, dst, report):
+def _fill(src, skel, dst, report, log=None):
     with open_writer(dst, like=skel) as w:
         for p in report.pairs:
             if p.source is None:
@@ -223,13 +236,15 @@ def _fill(src, skel, dst, report):
             w.write(p.target, arr)
             if p.target == "optimizer/iteration":
                 report.iterations = int(np.asarray(arr).reshape(-1)[0])
+        if log is not None:
+            log(w)
         w.finalize()
 
 
 def _check_before_tensorflow(src_path, like, model):
     """Mistakes found without TensorFlow are reported before it loads (seconds)."""
-    from .convert_skeleton import check_like
-    from .formats import detect
+    from surgeon.convert.skeleton import check_like
+    from surgeon.formats import detect
     if like is not None:
         check_like(like)
     elif model is None and detect(src_path) in TF_FORMATS_WITHOUT_CONFIG:
@@ -255,26 +270,46 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     """
     if optimizer not in ("keep", "drop"):
         raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
+    from surgeon.core import atomic
     fmt = target_format(dst)
     dst = Path(dst)
+    atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
     if not dst.parent.exists():
         raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
     _check_before_tensorflow(src_path, like, model)
+    args = {"source": src_path, "output": dst, "like": like, "optimizer": optimizer,
+            "allow_missing": allow_missing, "model": model}
     report = ConvertReport(str(src_path), str(dst), fmt)
     tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
     try:
         with open_checkpoint(src_path, model=model) as src:
             if model is not None and not getattr(src, "model_json", None):
-                from .formats.keras_h5 import read_model_json
+                from surgeon.formats.keras_h5 import read_model_json
                 src.model_json = read_model_json(model)
             (kmodel, compile_config), notes = _source_model(src, like, str(src_path))
             report.notes += notes
             opt, loss = _optimizer(src, compile_config, optimizer, report, str(src_path))
-            from . import convert_skeleton as sk
+            from surgeon.convert import skeleton as sk
             skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)
-                _fill(src, skel, dst, report)
+                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report
+
+
+def _logger(src_path, args, report, fmt):
+    """Embeds the surgery log (the source's history, then this conversion) in the output."""
+    from surgeon.formats import provenance
+
+    def log(writer):
+        like = args["like"] if args["like"] and ":" not in str(args["like"]) else None
+        summary = {"format": fmt, "optimizer": report.optimizer, "iterations": report.iterations,
+                   "tensors": sum(1 for p in report.pairs if p.source is not None),
+                   "kept": [p.target for p in report.pairs if p.how == "kept"],
+                   "unmatched_source": list(report.unmatched_source), "notes": list(report.notes)}
+        rec = provenance.command_record("convert", args, {"input": src_path, "model": args["model"],
+                                                          "like": like}, summary)
+        provenance.embed(writer, fmt, provenance.chained(src_path, rec))
+    return log
