@@ -54,7 +54,7 @@ def _matches(layout, params, rest):
     if len(order) != len(rest):
         return False
     shapes = dict(params)
-    return all(shapes[p] == v.shape for (p, _), v in zip(order, rest))
+    return all(layout.slot_shape(s, shapes[p]) == v.shape for (p, s), v in zip(order, rest))
 
 
 def bind_exact(ovars, params, layout):

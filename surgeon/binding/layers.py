@@ -82,6 +82,11 @@ def class_from_storage(key: str) -> str | None:
     return _BY_SNAKE[stem]
 
 
+def max_vars(class_name) -> int:
+    """How many variables an unquantized layer of ``class_name`` stores at most."""
+    return len(_TRAINABLE.get(class_name, ())) + len(_NON_TRAINABLE.get(class_name, ()))
+
+
 def var_names(class_name: str | None, config: dict | None, n: int):
     """Names and trainability of a layer's ``n`` stored variables.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 _STEMS = {
     "Adam": "adam", "AdamW": "adam_w", "SGD": "sgd", "RMSprop": "rm_sprop",
     "Adagrad": "adagrad", "Adadelta": "adadelta", "Adamax": "adamax", "Nadam": "nadam",
-    "Ftrl": "ftrl", "Lion": "lion", "Lamb": "lamb",
+    "Ftrl": "ftrl", "Lion": "lion", "Lamb": "lamb", "Adafactor": "adafactor",
 }
 _CLASS_BY_STEM = {v: k for k, v in _STEMS.items()}
 
@@ -33,6 +33,17 @@ class Layout:
     def slots(self) -> tuple:
         return tuple(s for g in self.groups for s in g)
 
+    def slot_shape(self, slot, shape) -> tuple:
+        """A slot's shape for a param of ``shape``: the param's, except Adafactor's
+        factored second moments (``r``: rows, ``c``: columns of the last two dims; a
+        scalar placeholder for params with fewer than two dims)."""
+        shape = tuple(shape)
+        if self.class_name == "Adafactor" and slot in ("r", "c"):
+            if len(shape) < 2:
+                return ()
+            return shape[:-1] if slot == "r" else shape[:-2] + shape[-1:]
+        return shape
+
     def order(self, params):
         """(param, slot) pairs in storage order for ``params`` (a list of param names)."""
         out = []
@@ -49,7 +60,29 @@ def _truthy(cfg, key, default=False):
 
 
 def layout_for(class_name: str, config: dict) -> Layout | None:
-    """The exact layout for an optimizer config (from a ``.keras`` compile config)."""
+    """The exact layout for an optimizer config (from a ``.keras`` compile config).
+
+    Keras' base optimizer builds the EMA copies (``use_ema``: slot ``average``) and the
+    gradient accumulators (``gradient_accumulation_steps``) before the class's own slots.
+    """
+    base = _layout_for(class_name, config)
+    c = config or {}
+    prefix = (("average",),) if _truthy(c, "use_ema") else ()
+    if c.get("gradient_accumulation_steps"):
+        prefix += (("gradient_accumulator",),)
+    if base is None or not prefix:
+        return base
+    return Layout(base.class_name, prefix + base.groups, base.trailing,
+                  "+".join(filter(None, [base.variant, *(g[0] for g in prefix)])))
+
+
+def accumulation_steps(config: dict) -> int:
+    """``gradient_accumulation_steps`` (1 without accumulation): Keras' ``iterations`` is
+    the stored counter divided by it."""
+    return int((config or {}).get("gradient_accumulation_steps") or 1)
+
+
+def _layout_for(class_name: str, config: dict) -> Layout | None:
     c = config or {}
     if class_name in ("Adam", "AdamW"):
         groups = [("momentum", "velocity")]
@@ -80,6 +113,8 @@ def layout_for(class_name: str, config: dict) -> Layout | None:
         return Layout(class_name, (("accumulator", "linear"),))
     if class_name == "Lion":
         return Layout(class_name, (("momentum",),))
+    if class_name == "Adafactor":  # per param: factored r, c (see Layout.slot_shape), velocity
+        return Layout(class_name, (("r", "c", "velocity"),))
     return None
 
 

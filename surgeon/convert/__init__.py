@@ -99,20 +99,37 @@ def match_weights(src_entries, tgt_entries, notes):
             used.add(s.name)
         elif s is not None:
             notes.append(f"{t.name}: same name in the source but shape {s.shape} != {t.shape}")
-    rest_t = _by_layer([t for t in tgt if t.name not in pairs])
-    rest_s = _by_layer([s for s in src if s.name not in used])
+    # Quantized state moves only by name: its layout differs per format and mode, and
+    # same-shaped tensors (an int8 layer's bias and kernel_scale) must never be swapped.
+    rest_t = _by_layer([t for t in tgt if t.name not in pairs and not t.quant])
+    rest_s = _by_layer([s for s in src if s.name not in used and not s.quant])
     j = 0
     for _, ts in rest_t:
         shapes = [t.shape for t in ts]
         for k in range(j, len(rest_s)):
             ss = rest_s[k][1]
             if [s.shape for s in ss] == shapes:
-                for t, s in zip(ts, ss):
+                for t, s in zip(ts, _by_leaf(ts, ss)):
                     pairs[t.name] = (s.name, "order")
                     used.add(s.name)
                 j = k + 1
                 break
     return pairs, used
+
+
+def _leaf(e):
+    return e.name.rsplit("/", 1)[-1]
+
+
+def _by_leaf(ts, ss):
+    """``ss`` reordered to pair with ``ts`` by variable name (``kernel``, ``bias``) when
+    both layers name the same variables, so layer-order matching never swaps two
+    same-shaped variables stored in a different order; else ``ss`` as it is."""
+    by = {_leaf(s): s for s in ss}
+    if len(by) == len(ss) and sorted(by) == sorted(_leaf(t) for t in ts) and all(
+            by[_leaf(t)].shape == t.shape for t in ts):
+        return [by[_leaf(t)] for t in ts]
+    return ss
 
 
 def plan_pairs(src, skel, report, allow_missing):
@@ -209,6 +226,10 @@ def _optimizer(src, compile_config, mode, report, label):
         return None, None
     opt, notes = sk.optimizer_from(cls, cfg, label)
     report.notes += notes
+    if getattr(info, "wrapper", None):  # mixed precision: the same LossScaleOptimizer layout
+        import keras
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+        report.notes.append(f"{cls} wrapped in a LossScaleOptimizer, as in the source")
     report.optimizer = cls
     loss = None
     tc = getattr(src, "training_config", None) or compile_config or {}
@@ -223,8 +244,29 @@ def _cast(arr, dtype):
     return arr
 
 
-def _fill(src, skel, dst, report, log=None):
+def _assets(src, skel, fmt, report):
+    """The source's assets (lookup vocabularies) to carry into the target, checked: the
+    target must be a .keras whose model stores the same asset files."""
+    from surgeon.formats import assets
+    have, need = assets.of(src), assets.of(skel)
+    if not have and not assets.empty_vocabularies(skel):
+        return {}
+    if have and fmt != "keras":
+        raise SurgeonError(f"{report.source}: holds assets ({sorted(have)[0]}, ...: lookup "
+                           f"vocabularies) that a {fmt} file cannot store; convert to .keras")
+    if set(have) != set(need):
+        missing = sorted(set(need) - set(have)) or sorted(set(have) - set(need))
+        raise SurgeonError(f"{report.source}: the target model's assets do not match the "
+                           f"source's (e.g. {missing[0]}); the lookup vocabularies cannot be "
+                           "carried over: convert from the model's .keras file")
+    report.notes.append(f"{len(have)} asset file(s) carried over (lookup vocabularies)")
+    return have
+
+
+def _fill(src, skel, dst, report, log=None, carry=None):
     with open_writer(dst, like=skel) as w:
+        for member, data in (carry or {}).items():
+            w.set_member(member, data)
         for p in report.pairs:
             if p.source is None:
                 continue
@@ -293,7 +335,8 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
             skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)
-                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt))
+                carry = _assets(src, skel, fmt, report)
+                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt), carry)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report

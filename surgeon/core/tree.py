@@ -16,6 +16,8 @@ class Entry:
     ``optimizer`` (optimizer-global such as ``iteration``). ``key`` is the storage key
     inside the file, ``layer`` the canonical layer path. ``frozen`` marks a param of a
     layer with ``trainable=False`` (Keras counts it as non-trainable; it has no slots).
+    ``quant`` marks the quantized state of a quantized layer (``model.quantize(...)``):
+    integer kernels, scales, zero points, amax histories; role ``state``, no slots.
     """
 
     name: str
@@ -27,6 +29,7 @@ class Entry:
     key: str = ""
     layer: str = ""
     frozen: bool = False
+    quant: str = ""  # quantization mode of quantized state ("int8", "int4", "float8", "unknown")
 
     @property
     def size(self) -> int:
@@ -50,10 +53,17 @@ class OptimizerInfo:
     config: dict = field(default_factory=dict)
     iterations: int | None = None
     learning_rate: float | None = None
+    wrapper: str | None = None  # e.g. a LossScaleOptimizer around ``class_name``
+    loss_scale: float | None = None
+    # storage key -> other keys holding a copy of the same variable (written together)
+    mirrors: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "class_name": self.class_name,
-                "iterations": self.iterations, "learning_rate": self.learning_rate}
+        d = {"name": self.name, "class_name": self.class_name,
+             "iterations": self.iterations, "learning_rate": self.learning_rate}
+        if self.wrapper:
+            d |= {"wrapper": self.wrapper, "loss_scale": self.loss_scale}
+        return d
 
 
 def slot_name(param: str, slot: str) -> str:

@@ -76,12 +76,16 @@ class KerasH5Reader:
         root = keras_layout.build_objects(self._root, "", "", cls, cfg,
                                           (cfg or {}).get("trainable", True), with_config)
         self._objects = root if with_config else None  # for the --model fit check
-        entries, trainable, candidates, certain = keras_layout.layer_entries(self._root, root, with_config)
+        qnotes = []
+        entries, trainable, candidates, certain = keras_layout.layer_entries(
+            self._root, root, with_config, qnotes)
         opt_cfg = ((model_json or {}).get("compile_config") or {}).get("optimizer")
         if isinstance(opt_cfg, str):
             opt_cfg = {"class_name": opt_cfg, "config": {}}
         oentries, self.optimizer, self.notes = keras_layout.optimizer_entries(
             self._root, opt_cfg, trainable, candidates, with_config and certain, self._dataset)
+        self.notes = qnotes + self.notes
+        self.mirrors = self.optimizer.mirrors if self.optimizer else {}
         self._entries = entries + oentries
         self._by_name = {}
         for e in self._entries:
@@ -236,7 +240,11 @@ class KerasH5Writer:
 
     def write(self, name, array):
         e = self.reader.entry(name)
-        src = self.reader._root[e.key]
+        for key in (e.key, *self.reader.mirrors.get(e.key, ())):
+            self._write_key(key, array)
+
+    def _write_key(self, key, array):
+        src = self.reader._root[key]
         out = self._out[src.file_index]
         if src.path in out:
             del out[src.path]
@@ -252,7 +260,7 @@ class KerasH5Writer:
                 ds.attrs["dtype"] = "bfloat16"
         except OSError as exc:  # disk full, quota, file size limit: the caller aborts
             raise WriteError(f"cannot write {self.targets[0]}: {first_line(exc)}") from None
-        self._written.add(e.key)
+        self._written.add(key)
 
     def copy_from(self, reader, name):
         self.write(name, reader.read(name))

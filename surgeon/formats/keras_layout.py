@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from surgeon.binding import keras3 as binding, layers, optimizers
+from surgeon.binding import keras3 as binding, layers, optimizers, quantized
 from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 from .h5tree import DS, Node
 
@@ -122,37 +122,109 @@ def walk(obj):
         yield from walk(c)
 
 
-def layer_entries(h5, root, with_config):
+def _names(h5, obj, with_config, notes):
+    """``[(name, trainable, certain, quant)]`` for an object's stored variables."""
+    n = len(obj.var_keys)
+    cfg = obj.config if with_config else None
+    mode = quantized.mode_of(cfg)
+    ints = [k for k in obj.var_keys if h5[k].dtype.kind in "iu"]
+    if mode is None and not with_config and obj.cls in quantized.SPECS and (
+            ints or n > layers.max_vars(obj.cls)):
+        mode = "unknown"  # integer or extra variables without a config: quantized, layout unknown
+    if mode is None:
+        # LoRA (enable_lora): Keras saves the merged kernel; the base kernel is frozen
+        lora = {"kernel", "embeddings"} if (cfg or {}).get("lora_rank") else set()
+        return [(nm, tr, sure, "", nm in lora)
+                for nm, tr, sure in layers.var_names(obj.cls, cfg, n)]
+    named = quantized.names(obj.cls, cfg, mode, n)
+    if named is None:
+        what = (f"{mode}-quantized {obj.cls or 'layer'} with a variable layout surgeon does "
+                f"not know ({n} variables)" if mode != "unknown" else
+                f"{obj.cls} storing {n} variables, quantized (no model config: pass --model)")
+        notes.append(f"layer {obj.canon or '(model)'}: {what}; listed by position as "
+                     "quantized state, which ops and convert refuse")
+        named = quantized.unknown(n, mode)
+    return [(nm, tr, True, q, False) for nm, tr, q in named]
+
+
+def layer_entries(h5, root, with_config, notes=None):
     """Entries for every model variable, and the trainable order [(name, shape)]."""
     entries, trainable, candidates, certain = [], [], [], True
+    notes = [] if notes is None else notes
     for obj in walk(root):
         if not obj.var_keys:
             continue
-        names = layers.var_names(obj.cls, obj.config if with_config else None, len(obj.var_keys))
-        for key, (vname, is_trainable, sure) in zip(obj.var_keys, names):
+        names = _names(h5, obj, with_config, notes)
+        for key, (vname, is_trainable, sure, quant, frozen) in zip(obj.var_keys, names):
             ds = h5[key]
             name = _join(obj.canon, vname)
             role = "param" if is_trainable else "state"
+            frozen = role == "param" and (frozen or not obj.trainable)
             e = Entry(name, tuple(ds.shape), _dtype(ds), role, key=key, layer=obj.canon,
-                      frozen=role == "param" and not obj.trainable)
+                      frozen=frozen, quant=quant)
             entries.append(e)
             certain = certain and sure
             if role == "param":
                 candidates.append((name, e.shape))
-                if obj.trainable:
+                if not frozen:
                     trainable.append((name, e.shape))
     return entries, trainable, candidates, certain
 
 
+def _ovars(h5, path):
+    g = h5[path]
+    return [binding.OptVar(i, f"{path}/{k}", tuple(g[k].shape), _dtype(g[k]))
+            for i, k in enumerate(_numeric_keys(g))]
+
+
+# LossScaleOptimizer's own variables, in Keras' order (before the inner optimizer's).
+WRAPPER_VARS = ("iteration", "learning_rate", "step_counter", "dynamic_scale")
+
+
 def optimizer_entries(h5, opt_cfg, trainable, candidates, exact, read_key):
-    """Entries for ``optimizer/vars/*`` plus OptimizerInfo and binding notes."""
+    """Entries for ``optimizer/vars/*`` plus OptimizerInfo and binding notes.
+
+    A ``LossScaleOptimizer`` (mixed precision) stores its inner optimizer twice: under
+    ``optimizer/inner_optimizer/vars`` and again after its own four variables in
+    ``optimizer/vars``. Keras loads the inner copy last, so it is the one listed (its
+    iteration counter, learning rate and slots are the optimizer's); the outer copy is
+    recorded as a mirror every writer keeps equal. The wrapper's loss scale and step
+    counter are listed as ``optimizer/loss_scale/*``.
+    """
     if "optimizer" not in h5 or "vars" not in h5["optimizer"]:
         return [], None, []
-    g = h5["optimizer/vars"]
-    storage_name = g.attrs.get("name", "optimizer")
-    storage_name = str(storage_name)
-    ovars = [binding.OptVar(i, f"optimizer/vars/{k}", tuple(g[k].shape), _dtype(g[k]))
-             for i, k in enumerate(_numeric_keys(g))]
+    inner = "inner_optimizer" in h5["optimizer"] and "vars" in h5["optimizer/inner_optimizer"]
+    path = "optimizer/inner_optimizer/vars" if inner else "optimizer/vars"
+    entries, info, notes = _bound_entries(h5, path, opt_cfg, trainable, candidates, exact,
+                                          read_key)
+    if inner:
+        entries = _wrapper(h5, entries, info, notes, read_key)
+    return entries, info, notes
+
+
+def _wrapper(h5, entries, info, notes, read_key):
+    outer = _ovars(h5, "optimizer/vars")
+    own = len(outer) - len(entries)
+    inner_keys = [e.key for e in entries]
+    fits = own == len(WRAPPER_VARS) and all(v.shape == () for v in outer[:own]) and all(
+        tuple(h5[k].shape) == v.shape for k, v in zip(inner_keys, outer[own:]))
+    info.wrapper = str(h5["optimizer/vars"].attrs.get("name", "loss_scale_optimizer"))
+    if not fits:
+        notes.append(f"optimizer wrapper {info.wrapper}: {len(outer)} variables do not follow "
+                     "LossScaleOptimizer's layout; listed as optimizer/unresolved")
+        return entries + [Entry(f"optimizer/unresolved/outer/{v.index}", v.shape, v.dtype, "slot",
+                                key=v.key) for v in outer]
+    for k, v in zip(inner_keys, outer[own:]):
+        info.mirrors[k] = (v.key,)
+    out = [Entry(f"optimizer/loss_scale/{n}", v.shape, v.dtype, "optimizer", key=v.key)
+           for n, v in zip(WRAPPER_VARS, outer)]
+    info.loss_scale = float(read_key(outer[3].key)[()])
+    return entries + out
+
+
+def _bound_entries(h5, path, opt_cfg, trainable, candidates, exact, read_key):
+    ovars = _ovars(h5, path)
+    storage_name = str(h5[path].attrs.get("name", "optimizer"))
     cls = (opt_cfg or {}).get("class_name") or optimizers.class_from_storage_name(storage_name)
     cfg = (opt_cfg or {}).get("config", {})
     layout = optimizers.layout_for(cls, cfg) if (opt_cfg and cls) else None
@@ -178,4 +250,10 @@ def optimizer_entries(h5, opt_cfg, trainable, candidates, exact, read_key):
         else:
             entries.append(Entry(f"optimizer/unresolved/{v.index}", v.shape, v.dtype, "slot",
                                  key=v.key))
+    steps = optimizers.accumulation_steps(cfg)
+    if steps > 1 and info.iterations is not None:
+        b.notes.append(f"gradient accumulation over {steps} steps: the stored counter "
+                       f"optimizer/iteration={info.iterations} counts micro-steps; Keras' "
+                       f"optimizer.iterations is {info.iterations // steps}")
+        info.iterations //= steps
     return entries, info, b.notes

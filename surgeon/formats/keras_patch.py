@@ -154,7 +154,11 @@ class _PatchBase:
 
     def write(self, name, array):
         e = self.reader.entry(name)
-        path = self.reader._root[e.key].path
+        for key in (e.key, *getattr(self.reader, "mirrors", {}).get(e.key, ())):
+            self._write_key(name, key, array)
+
+    def _write_key(self, name, key, array):
+        path = self.reader._root[key].path
         ds = self._h5[path]
         arr = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if tuple(ds.shape) != arr.shape or ds.dtype.itemsize != arr.dtype.itemsize:

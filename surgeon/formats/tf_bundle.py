@@ -139,6 +139,8 @@ class BundleReader:
                               f"{_one_line(exc)}") from None
         self.keys = {k: (tuple(int(d) for d in shapes[k]), dtypes[k].name) for k in shapes}
         self.mapping = self._map()
+        from surgeon.binding.quantized import mark_by_name
+        self.mapping.entries = mark_by_name(self.mapping.entries)
         self._by_name = {e.name: e for e in self.mapping.entries}
         self._read_globals()
 

@@ -216,7 +216,11 @@ def map_graph(g: Graph) -> Mapping:
     parent, owner = _bfs(g)
     names = _model_names(g, parent, owner)
     slots, globs, trainable, info = {}, {}, set(), None
-    for opt in g.optimizers:
+    # LossScaleOptimizer (mixed precision): its own counters are optimizer/loss_scale/*;
+    # the iteration, learning rate and slots are its inner optimizer's.
+    wrappers = {opt: dict(g.children(opt)).get("inner_optimizer") for opt in g.optimizers}
+    wrappers = {w: i for w, i in wrappers.items() if i in g.optimizers}
+    for opt in sorted(g.optimizers, key=lambda o: o in wrappers):
         s, gl, storage = _keras3_slots(g, opt)
         cls = None
         if storage:
@@ -227,6 +231,10 @@ def map_graph(g: Graph) -> Mapping:
         else:
             s, gl, cls = _legacy_slots(g, opt)
             storage = cls or "optimizer"
+        if opt in wrappers:
+            gl = {j: f"loss_scale/{n}" for j, n in gl.items()}
+            if info is not None:
+                info.wrapper = storage
         slots.update(s)
         globs.update(gl)
         trainable |= {p for p, _ in s.values()}

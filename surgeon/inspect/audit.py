@@ -35,6 +35,7 @@ CODES = {
     "moments-reset": ("warning", "second-moment slots all zero while the iteration counter is large"),
     "mixed-dtypes": ("warning", "weights are stored in more than one floating dtype"),
     "no-optimizer": ("info", "no optimizer state stored"),
+    "empty-vocabulary": ("error", "a lookup layer's vocabulary asset holds no token (Keras refuses it)"),
 }
 
 
@@ -238,6 +239,9 @@ def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100
             result.checked += 1
     _check_structure(reader, result, entries, md, model_json or _model_json(reader))
     _mixed_dtypes(result, entries)
+    from surgeon.formats.assets import empty_vocabularies
+    for member in empty_vocabularies(reader):
+        result.add("empty-vocabulary", None, f"{member}: vocabulary holds only OOV/mask tokens")
     return result
 
 
@@ -262,10 +266,10 @@ def _check_structure(reader, result, entries, md, model_json=None):
         p = by_name.get(s.slot_of)
         if p is None:
             continue
-        if tuple(s.shape) != tuple(p.shape):
+        if tuple(s.shape) != _slot_shape(reader, s.slot, p.shape):
             result.add("slot-shape", s.name, f"shape {tuple(s.shape)} differs from {p.name} {tuple(p.shape)}")
         var_dtype = variable_dtype(dtypes, p.name)
-        if s.dtype not in (p.dtype, var_dtype):
+        if s.dtype not in (p.dtype, var_dtype) and tuple(s.shape) == tuple(p.shape):  # (not a placeholder)
             also = (f" and from the {var_dtype} Keras gives its variable"
                     if var_dtype not in (None, p.dtype) else "")
             result.add("slot-dtype", s.name, f"dtype {s.dtype} differs from {p.name} {p.dtype}{also}")
@@ -283,6 +287,14 @@ def _check_structure(reader, result, entries, md, model_json=None):
             if p.role == "param" and not p.frozen and set(kinds) - have.get(p.name, set()):
                 missing = ", ".join(k for k in kinds if k not in have.get(p.name, set()))
                 result.add("slot-missing", p.name, f"trainable param has no optimizer slot {missing}")
+
+
+def _slot_shape(reader, slot, shape):
+    """The shape a slot should have (a param's, or Adafactor's factored r/c)."""
+    from surgeon.binding import optimizers
+    opt = getattr(reader, "optimizer", None)
+    layout = optimizers.layout_for(opt.class_name, opt.config) if opt and opt.class_name else None
+    return layout.slot_shape(slot, shape) if layout else tuple(shape)
 
 
 def _opt_index(e):

@@ -188,6 +188,8 @@ def diff_checkpoints(ra, rb, *, atol=0.0, rtol=0.0, only=None, ignore_optimizer=
                                              eb.slot_of, eb.slot, shape_b=tuple(eb.shape),
                                              dtype_b=eb.dtype, size=eb.size))
     _flag_slots(result.tensors)
+    from surgeon.formats.assets import differ
+    result.assets = differ(ra, rb)
     return result
 
 

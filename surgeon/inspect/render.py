@@ -61,6 +61,9 @@ def ls_text(meta: dict, entries) -> str:
                      f"iterations={opt.get('iterations')}, learning_rate={opt.get('learning_rate') if opt.get('learning_rate') is None else format(opt['learning_rate'], '.6g')}, "
                      f"{len(slot_entries)} slot tensors ({human_bytes(slot_bytes)})"
                      + (f", {len(unresolved)} unresolved" if unresolved else ""))
+        if opt.get("wrapper"):
+            lines.append(f"  wrapped in {opt['wrapper']} (mixed precision): loss scale "
+                         f"{opt.get('loss_scale')}, state under optimizer/loss_scale/")
     else:
         lines.append("optimizer: none stored")
     for note in meta.get("notes", []):

@@ -36,6 +36,11 @@ def diff_summary(result) -> str:
     c = result.counts()
     n = len(result.tensors)
     tol = f"atol={result.atol:g}, rtol={result.rtol:g}"
+    assets = getattr(result, "assets", [])
+    if assets:
+        what = ", ".join(f"{m} {st}" for m, st in assets[:3]) + (" ..." if len(assets) > 3 else "")
+        head = "tensors equal" if all(t.status == "equal" for t in result.tensors) else "different"
+        return f"{head}, but {len(assets)} asset file(s) differ ({what}) ({tol})"
     if result.equal:
         return f"equal: {n} tensors compared, none differ ({tol})"
     parts = ", ".join(f"{c[s]} {s}" for s in ("changed", "reshaped", "retyped", "added", "removed") if c[s])

@@ -114,10 +114,11 @@ class DiffResult:
     atol: float
     rtol: float
     tensors: list = field(default_factory=list)
+    assets: list = field(default_factory=list)  # [(assets/... member, status)] that differ
 
     @property
     def equal(self) -> bool:
-        return all(t.status == "equal" for t in self.tensors)
+        return all(t.status == "equal" for t in self.tensors) and not self.assets
 
     def counts(self) -> dict:
         c = {s: 0 for s in STATUSES}
@@ -147,5 +148,6 @@ class DiffResult:
         return {"equal": self.equal, "a": self.a, "b": self.b, "atol": self.atol, "rtol": self.rtol,
                 "summary": self.counts() | {"tensors": len(self.tensors)},
                 "tensors": [t.to_json() for t in self.tensors],
+                "assets": [{"member": m, "status": st} for m, st in self.assets],
                 "layers": [ld.to_json() for ld in self.layers()],
                 "flags": [{"tensor": t.name, "message": t.flag} for t in self.flags()]}

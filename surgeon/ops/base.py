@@ -25,7 +25,7 @@ SLOT_POLICY_HELP = {
 }
 # Slots holding squared-gradient statistics scale with c**2 when gradients scale with c.
 SECOND_MOMENT = {"velocity", "velocity_hat", "accumulator", "accumulated_grad",
-                 "accumulated_delta_var"}
+                 "accumulated_delta_var", "r", "c"}
 
 
 def slot_power(kind: str) -> int:

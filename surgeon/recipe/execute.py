@@ -56,7 +56,8 @@ def run(plan, ctx, writer, progress=None) -> Stats:
             progress(i + 1, len(groups), target)
     if plan.iteration:
         old = ctx.reader.read(plan.iteration["target"])
-        writer.write(plan.iteration["target"], np.asarray(plan.iteration["after"], dtype=old.dtype))
+        writer.write(plan.iteration["target"], np.asarray(plan.iteration.get("stored", plan.iteration["after"]),
+                                                         dtype=old.dtype))
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -78,9 +79,16 @@ class _SlotState:
             return
         e = self.ctx.by_name[name]
         kind = e.slot
-        if policy == "reset" and res.touched is None:
+        if policy == "reset" and res.touched is None and kind != "average":
             dt = self.changed[name].dtype if name in self.changed else np_dtype(e.dtype)
             self.changed[name] = np.zeros(e.shape, dt)
+        elif policy in ("reset", "warm") and kind == "average":
+            # an EMA copy restarts at the edited weight (zero would drag the average, and
+            # with ema_overwrite_frequency the weights, towards 0)
+            cur = np.array(self.current(name))
+            touched = np.ones(e.shape, bool) if res.touched is None else res.touched
+            cur[touched] = np.asarray(res.value).astype(cur.dtype)[touched]
+            self.changed[name] = cur
         elif policy in ("reset", "warm"):
             cur = np.array(self.current(name))
             touched = np.ones(e.shape, bool) if res.touched is None else res.touched

@@ -130,6 +130,8 @@ def make_plan(recipe, ctx: PlanContext, output=None) -> Plan:
         op_steps = registry.get(spec.op, spec.where).plan(spec, ctx)
         for s in op_steps:
             _check_fits(s, ctx, spec)
+            _check_quantized(s, ctx, spec)
+            _check_slots_bound(s, ctx, spec)
             touched = [s.target] + [n for n, p in s.slots if p != "keep"]
             for name in touched:
                 prev = written.get(name)
@@ -155,6 +157,36 @@ def _check_fits(step, ctx, spec):
                           f"{step.shape}, but the model needs {e.shape}")
 
 
+def _check_quantized(step, ctx, spec):
+    e = ctx.by_name[step.target]
+    if e.quant:
+        from surgeon.binding.quantized import refusal
+        raise RecipeError(f"{spec.where}: op {spec.op!r}: {refusal(e, spec.op)}")
+
+
+def _check_slots_bound(step, ctx, spec):
+    """A slot policy other than ``keep`` on a param whose slots are not bound cannot be
+    honoured: an error, never a silent "0 slot changes"."""
+    policy = spec.get("slots")
+    e = ctx.by_name[step.target]
+    if policy in (None, "keep") or e.role != "param" or e.frozen:
+        return
+    odd = [n for n, _ in step.slots if tuple(ctx.by_name[n].shape) != tuple(e.shape)]
+    if odd:
+        raise RecipeError(f"{spec.where}: op {spec.op!r}: slots={policy!r} for {e.name}, but its "
+                          f"slot {odd[0]} is factored (shape {tuple(ctx.by_name[odd[0]].shape)}, "
+                          f"not the param's); use slots='keep'")
+    if step.slots:
+        return
+    unbound = [x.name for x in ctx.entries if x.role == "slot" and not x.slot_of]
+    if unbound:
+        raise RecipeError(
+            f"{spec.where}: op {spec.op!r}: slots={policy!r} for {e.name}, but its optimizer "
+            f"slots are not bound to it ({len(unbound)} unbound optimizer tensor(s), e.g. "
+            f"{unbound[0]}; see `surgeon ls`); pass --model for a bare weights file, or "
+            "slots='keep' to leave the optimizer state as it is")
+
+
 def _iteration(recipe, ctx):
     policy = recipe.iteration
     if policy == "keep":
@@ -165,8 +197,13 @@ def _iteration(recipe, ctx):
                           f"{ctx.reader.path} has no optimizer iteration counter")
     info = ctx.reader.metadata().get("optimizer") or {}
     after = 0 if policy == "reset" else int(policy)
-    return {"target": e.name, "policy": policy if policy == "reset" else f"set {after}",
-            "before": info.get("iterations"), "after": after}
+    out = {"target": e.name, "policy": policy if policy == "reset" else f"set {after}",
+           "before": info.get("iterations"), "after": after}
+    from surgeon.binding.optimizers import accumulation_steps
+    steps = accumulation_steps(getattr(getattr(ctx.reader, "optimizer", None), "config", None))
+    if steps > 1:  # the stored counter counts micro-steps: Keras' iterations x steps
+        out["stored"] = after * steps
+    return out
 
 
 def adam_first_step_ratio(t: int, beta_1=0.9, beta_2=0.999) -> float:

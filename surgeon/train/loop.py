@@ -102,6 +102,7 @@ def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_o
         with strategy.scope():
             vm = mapping.map_model(kmodel)
             rep = restore.restore(reader, vm, kmodel.optimizer, allow_missing, reset_optimizer)
+            rep.notes += restore.finalize_layers(kmodel, reader)
             mask_arrays = masks_mod.read_masks(reader) if masks is not False else {}
             if isinstance(masks, dict):
                 mask_arrays.update(masks)
@@ -287,6 +288,9 @@ def _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every, s
         if pending is not None and os.path.exists(pending):  # interrupted after the rename
             exc.surgeon_checkpoints.append(str(pending))
         raise
+    if steps:  # what fit() does when training ends (use_ema: weights := their averages)
+        with strategy.scope():
+            kmodel.optimizer.finalize_variable_values(kmodel.trainable_weights)
     result.seconds = time.perf_counter() - t0
     result.loss = float(loss) if loss is not None else None
     result.iteration_end = int(kmodel.optimizer.iterations.numpy())

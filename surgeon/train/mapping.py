@@ -97,8 +97,8 @@ def optimizer_variables(optimizer, trainable_names, trainable_vars) -> tuple[dic
         if rest and rest[0].name == gname:
             out[f"optimizer/{gname}"] = rest[0]
             rest = rest[1:]
-    for gname in reversed(layout.trailing):
-        if rest and rest[-1].name == gname:
+    for gname in reversed(layout.trailing):  # Nadam's u_product: an unnamed scalar ("variable")
+        if rest and (rest[-1].name == gname or tuple(rest[-1].shape) == ()):
             out[f"optimizer/{gname}"] = rest[-1]
             rest = rest[:-1]
     order = layout.order(trainable_names)
@@ -108,7 +108,9 @@ def optimizer_variables(optimizer, trainable_names, trainable_vars) -> tuple[dic
     ref = dict(zip(trainable_names, trainable_vars))
     for (param, slot), var in zip(order, rest):
         expected = f"{ref[param].path.replace('/', '_')}_{slot}"
-        if var.name != expected or tuple(var.shape) != tuple(ref[param].shape):
+        if layout.slot_shape(slot, ref[param].shape) != tuple(ref[param].shape):
+            expected = ref[param].name  # Adafactor's factored r/c carry the param's name
+        if var.name != expected or tuple(var.shape) != layout.slot_shape(slot, ref[param].shape):
             raise BindingError(f"optimizer variable {var.name!r} does not match {param}/{slot} "
                                f"(expected {expected!r}); layout mismatch")
         out[slot_name(param, slot)] = var

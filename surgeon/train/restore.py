@@ -133,3 +133,38 @@ def restore(reader, vm: VarMap, optimizer, allow_missing=False, reset_optimizer=
                          f"{len(rep.unexpected)} checkpoint tensor(s) ignored")
     apply_restore(reader, pairs)
     return rep
+
+
+def finalize_layers(model, reader) -> list:
+    """What Keras' loader does besides assigning variables; returns notes.
+
+    * ``Normalization.load_own_variables`` calls ``finalize_state()``: the mean/variance
+      used by ``call`` are derived from the restored adapt state (else the layer keeps
+      normalizing with its pre-restore statistics);
+    * lookup layers (``StringLookup``, ``TextVectorization``, ...) read their vocabulary
+      from the ``.keras`` assets (``load_assets``), as ``keras.saving.load_model`` does.
+    """
+    from keras.src.layers.preprocessing.index_lookup import IndexLookup
+    from keras.src.layers.preprocessing.normalization import Normalization
+    notes, layers = [], list(model._flatten_layers(include_self=False, recursive=True))
+    for layer in layers:
+        if isinstance(layer, Normalization):
+            layer.finalize_state()
+    lookups = [la for la in layers if isinstance(la, IndexLookup) and la.input_vocabulary is None]
+    if not lookups:
+        return notes
+    from surgeon.formats import assets
+    if not assets.of(reader) or not getattr(reader, "zip_path", None):
+        raise SurgeonError(f"{reader.path}: the model's lookup layer {lookups[0].name!r} keeps "
+                           "its vocabulary in the .keras assets, which this checkpoint does not "
+                           "hold; resume from the model's .keras file")
+    import zipfile
+    from keras.src.saving import saving_lib
+    with zipfile.ZipFile(reader.zip_path) as zf:
+        store = saving_lib.DiskIOStore("assets", archive=zf, mode="r")
+        try:
+            saving_lib._load_state(model, None, store, "", visited_saveables=set())
+        finally:
+            store.close()
+    notes.append(f"lookup vocabularies loaded from the .keras assets ({len(lookups)} layer(s))")
+    return notes
