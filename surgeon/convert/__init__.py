@@ -227,8 +227,8 @@ def _optimizer(src, compile_config, mode, report, label):
     opt, notes = sk.optimizer_from(cls, cfg, label)
     report.notes += notes
     if getattr(info, "wrapper", None):  # mixed precision: the same LossScaleOptimizer layout
-        import keras
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+        from surgeon.core.tf import import_keras
+        opt = import_keras().optimizers.LossScaleOptimizer(opt)
         report.notes.append(f"{cls} wrapped in a LossScaleOptimizer, as in the source")
     report.optimizer = cls
     loss = None

@@ -144,8 +144,9 @@ def finalize_layers(model, reader) -> list:
     * lookup layers (``StringLookup``, ``TextVectorization``, ...) read their vocabulary
       from the ``.keras`` assets (``load_assets``), as ``keras.saving.load_model`` does.
     """
-    from keras.src.layers.preprocessing.index_lookup import IndexLookup
-    from keras.src.layers.preprocessing.normalization import Normalization
+    from surgeon.core.tf import tf_module
+    IndexLookup = tf_module("keras.src.layers.preprocessing.index_lookup").IndexLookup
+    Normalization = tf_module("keras.src.layers.preprocessing.normalization").Normalization
     notes, layers = [], list(model._flatten_layers(include_self=False, recursive=True))
     for layer in layers:
         if isinstance(layer, Normalization):
@@ -159,7 +160,7 @@ def finalize_layers(model, reader) -> list:
                            "its vocabulary in the .keras assets, which this checkpoint does not "
                            "hold; resume from the model's .keras file")
     import zipfile
-    from keras.src.saving import saving_lib
+    saving_lib = tf_module("keras.src.saving.saving_lib")
     with zipfile.ZipFile(reader.zip_path) as zf:
         store = saving_lib.DiskIOStore("assets", archive=zf, mode="r")
         try:
