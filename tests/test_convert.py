@@ -307,3 +307,36 @@ def test_weights_only_legacy_with_like_starts_a_fresh_optimizer(converted, tmp_p
         canon = _canon(m)
         for v in m.weights:
             np.testing.assert_array_equal(v.numpy(), src.read(canon[id(v)]))
+
+
+def test_like_reordered_layers_match_by_name(tmp_path):
+    """Two same-shaped layers in the opposite order in --like: weights and slots follow the
+    names (pairing by position would swap them and still fit every shape)."""
+    import keras
+
+    def build(order):
+        keras.utils.set_random_seed(len(order[0]))
+        inp = keras.Input((4,), name="x")
+        h = inp
+        for n in order:
+            h = keras.layers.Dense(4, activation="tanh", name=n)(h)
+        m = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+        m.compile(keras.optimizers.Adam(0.01), "mse")
+        rs = np.random.RandomState(len(order))
+        m.fit(rs.randn(8, 4), rs.randn(8, 2), batch_size=4, verbose=0, shuffle=False)
+        return m
+
+    build(["p", "q"]).save(tmp_path / "src.keras")
+    build(["q", "p"]).save(tmp_path / "like.keras")
+    res = run_cli("convert", tmp_path / "src.keras", tmp_path / "out.keras", "--like", tmp_path / "like.keras")
+    assert res.exit_code == 0, res.output
+    a, b = load_keras_model(tmp_path / "src.keras"), load_keras_model(tmp_path / "out.keras")
+    assert [layer.name for layer in b.layers[1:3]] == ["q", "p"]
+    for name in ("p", "q", "out"):
+        for va, vb in zip(a.get_layer(name).weights, b.get_layer(name).weights):
+            np.testing.assert_array_equal(vb.numpy(), va.numpy(), err_msg=va.path)
+    want = {v.name: v.numpy() for v in a.optimizer.variables}
+    got = {v.name: v.numpy() for v in b.optimizer.variables}
+    assert got.keys() == want.keys() and len(want) == 2 + 2 * 6
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
