@@ -55,3 +55,37 @@ def run_cli(*args):
     from click.testing import CliRunner
     from surgeon.cli import main
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def keras_canonical_names(model):
+    """id(variable) -> surgeon's canonical name, from Keras' own variable paths (a nested
+    model's weights are prefixed with its layer name; Keras 3 paths omit it)."""
+    import keras
+    out = {}
+    for layer in model.layers:
+        prefix = layer.name + "/" if isinstance(layer, keras.Model) else ""
+        for w in layer.weights:
+            out[id(w)] = w.path if w.path.startswith(prefix) else prefix + w.path
+    return out
+
+
+def _hash_tree(root):
+    import hashlib
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] == "realworld" or not p.is_file() or "__pycache__" in rel.parts:
+            continue
+        out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixtures_unchanged():
+    """No test may write into fixtures/ (except fixtures/realworld, downloaded)."""
+    before = _hash_tree(FIXTURES)
+    yield
+    after = _hash_tree(FIXTURES)
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    if changed:
+        pytest.fail(f"the test session modified fixtures/: {', '.join(changed)}", pytrace=False)

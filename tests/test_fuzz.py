@@ -1,10 +1,12 @@
 """Fuzz: mutated and truncated real checkpoints end in a one-line SurgeonError or a correct read.
 
-Every case runs in a forked child (cheap: no re-import) so that a libhdf5 segfault, a hang
-or a memory blow-up in one case is reported as that case's failure instead of killing the
-test session. The child gets an address-space limit of its parent's size + 1 GiB (a
+Every case runs in a child forked by a fork server (tests/fuzz_worker.py: a fresh
+interpreter without TensorFlow, so forking is safe and cheap) so that a libhdf5 segfault, a
+hang or a memory blow-up in one case is reported as that case's failure instead of killing
+the test session. The child gets an address-space limit of the server's size + 1 GiB (a
 declared shape larger than the file must be refused *before* allocating) and a wall-clock
-watchdog. Hypothesis picks the fixture and the mutation; ~1,100 cases per run.
+watchdog. Hypothesis picks the fixture and the mutation (derandomized: the same cases every
+run, so a failure reproduces; SURGEON_FUZZ_SEED=<n> explores other ones); ~1,100 cases.
 
 Outcome rules for one case:
 - ``surgeon.SurgeonError`` with a non-empty, single-line message: fine.
@@ -12,30 +14,25 @@ Outcome rules for one case:
   bytes happen to equal the original, every value equals the original's.
 - anything else (another exception type, a signal, a timeout, MemoryError): failure.
 """
-import faulthandler
-import functools
 import os
-import resource
-import select
 import shutil
-import signal
-import time
-import traceback
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
 from conftest import FIXTURES, fixture
+from fuzz_worker import ForkServer
 
 CASE_TIMEOUT = 30.0  # seconds; generous because the CI machine is shared
 SCALE = int(os.environ.get("SURGEON_FUZZ_SCALE", "1"))  # e.g. 20 for a deep nightly run
 CASES = {k: v * SCALE for k, v in {"keras": 300, "weights": 300, "sharded": 160,
                                    "truncated": 160, "legacy": 160}.items()}
 TF_CASES = 120 * SCALE  # TF bundles: one worker process (TensorFlow is not fork-safe)
+SEED = os.environ.get("SURGEON_FUZZ_SEED")  # unset: derandomized, the same cases every run
 # No shrinking: a failing mutation is already small, and shrinking can take minutes.
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
-                phases=[Phase.explicit, Phase.reuse, Phase.generate])
+                phases=[Phase.explicit, Phase.generate], derandomize=SEED is None, database=None)
+reseed = seed(int(SEED)) if SEED else (lambda test: test)  # noqa: E731
 
 KERAS = ["cnn_adam.keras", "lstm_adam.keras", "nested_adamw.keras", "cnn_rmsprop.keras"]
 WEIGHTS = ["cnn_adam.weights.h5", "lstm_adam.weights.h5", "nested_adagrad.weights.h5",
@@ -46,71 +43,23 @@ SHARDED = ["cnn_adam_sharded.weights.json"] + [
     f"cnn_adam_sharded_{i:05d}.weights.h5" for i in range(5)]
 
 
-def _vm_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+_SERVER = []
 
 
-def _check_read(path, model, original):
-    """Child side: open, list, read everything; returns 'ok' or 'surgeon <msg>'."""
-    import surgeon
-    try:
-        with surgeon.open_checkpoint(path, model=model) as ck:
-            entries = ck.entries()
-            ck.metadata()
-            for e in entries:
-                arr = ck.read(e.name)
-                assert tuple(arr.shape) == tuple(e.shape), (e.name, arr.shape, e.shape)
-                assert str(arr.dtype) == e.dtype, (e.name, arr.dtype, e.dtype)
-                if original is not None:
-                    np.testing.assert_array_equal(arr, original[e.name])
-        return "ok"
-    except surgeon.SurgeonError as exc:
-        return "surgeon " + str(exc)
+@pytest.fixture(scope="module", autouse=True)
+def _fork_server():
+    yield
+    while _SERVER:
+        _SERVER.pop().close()
 
 
-def run_isolated(fn, *args, timeout=CASE_TIMEOUT):
-    """Run ``fn(*args)`` in a forked child with a memory limit and a watchdog.
+def run_isolated(fn, *args, timeout=CASE_TIMEOUT, original=None):
+    """Run case ``fn`` (a name in ``fuzz_worker.CASES``) in a child forked by the fork server.
 
     Returns the child's string result, or ``CRASH ...`` describing what went wrong."""
-    limit = _vm_bytes() + 2**30
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(rfd)
-        faulthandler.disable()  # a crash is an expected outcome here, not noise
-        try:
-            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-            out = fn(*args)
-        except BaseException:  # noqa: BLE001 - report everything to the parent
-            out = "CRASH exception:\n" + traceback.format_exc()
-        os.write(wfd, out.encode("utf-8", "replace"))
-        os._exit(0)
-    os.close(wfd)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return f"CRASH timeout after {timeout}s"
-            ready, _, _ = select.select([rfd], [], [], min(left, 1.0))
-            if ready:
-                data = os.read(rfd, 1 << 16)
-                if not data:
-                    break
-                chunks.append(data)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(rfd)
-    if os.WIFSIGNALED(status):
-        return f"CRASH killed by signal {os.WTERMSIG(status)}"
-    return b"".join(chunks).decode("utf-8", "replace")
+    if not _SERVER:
+        _SERVER.append(ForkServer())
+    return _SERVER[0].run(fn, *args, timeout=timeout, original=original)
 
 
 def _assert_outcome(out, case):
@@ -165,18 +114,6 @@ def mutate(data: bytes, mutation) -> bytes:
     return bytes(b)
 
 
-@functools.lru_cache(maxsize=None)
-def originals():
-    """name -> {tensor: array} read from the unmodified fixtures (the expected values)."""
-    import surgeon
-    out = {}
-    for name in KERAS + WEIGHTS + SHARDED[:1] + LEGACY:
-        model = _model_for(name)
-        with surgeon.open_checkpoint(fixture(name), model=model) as ck:
-            out[name] = {e.name: ck.read(e.name) for e in ck.entries()}
-    return out
-
-
 def _model_for(name):
     if name.endswith(".weights.h5") and not name.startswith("cnn_adam_sharded"):
         return fixture(name.replace(".weights.h5", ".keras"))
@@ -185,37 +122,40 @@ def _model_for(name):
     return None
 
 
-def _fuzz_one(tmp_path, name, mutation, with_model=True, expected=None):
+def _fuzz_one(tmp_path, name, mutation, with_model=True, compare=True):
+    """``compare``: when the mutated bytes equal the original, every value must equal too."""
     src = fixture(name)
     data = src.read_bytes()
     bad = mutate(data, mutation)
     path = tmp_path / src.name
     path.write_bytes(bad)
     model = _model_for(name) if with_model else None
-    original = expected if bad == data else None
-    out = run_isolated(_check_read, path, model, original)
+    original = (name, src, model) if compare and bad == data else None
+    out = run_isolated("check_read", path, model, None, original=original)
     _assert_outcome(out, f"{name} {mutation!r}")
     return out
 
 
 @settings(FUZZ, max_examples=CASES["keras"])
+@reseed
 @given(name=st.sampled_from(KERAS), mutation=_mutation())
 def test_fuzz_keras_zip(tmp_path_factory, name, mutation):
     tmp = tmp_path_factory.mktemp("fz")
-    _fuzz_one(tmp, name, mutation, expected=originals()[name])
+    _fuzz_one(tmp, name, mutation)
     shutil.rmtree(tmp)
 
 
 @settings(FUZZ, max_examples=CASES["weights"])
+@reseed
 @given(name=st.sampled_from(WEIGHTS), mutation=_mutation(), with_model=st.booleans())
 def test_fuzz_weights_h5(tmp_path_factory, name, mutation, with_model):
     tmp = tmp_path_factory.mktemp("fz")
-    _fuzz_one(tmp, name, mutation, with_model=with_model,
-              expected=originals()[name] if with_model else None)
+    _fuzz_one(tmp, name, mutation, with_model=with_model, compare=with_model)
     shutil.rmtree(tmp)
 
 
 @settings(FUZZ, max_examples=CASES["sharded"])
+@reseed
 @given(which=st.sampled_from(SHARDED), mutation=_mutation())
 def test_fuzz_sharded(tmp_path_factory, which, mutation):
     """Mutate the index or one shard; the other files are intact copies."""
@@ -225,26 +165,28 @@ def test_fuzz_sharded(tmp_path_factory, which, mutation):
     data = fixture(which).read_bytes()
     bad = mutate(data, mutation)
     (tmp / which).write_bytes(bad)
-    original = originals()[SHARDED[0]] if bad == data else None
-    out = run_isolated(_check_read, tmp / SHARDED[0], fixture("cnn_adam.keras"), original)
+    original = (SHARDED[0], fixture(SHARDED[0]), fixture("cnn_adam.keras")) if bad == data else None
+    out = run_isolated("check_read", tmp / SHARDED[0], fixture("cnn_adam.keras"), None, original=original)
     _assert_outcome(out, f"{which} {mutation!r}")
     shutil.rmtree(tmp)
 
 
 @settings(FUZZ, max_examples=CASES["legacy"])
+@reseed
 @given(name=st.sampled_from(LEGACY), mutation=_mutation())
 def test_fuzz_legacy_h5(tmp_path_factory, name, mutation):
     tmp = tmp_path_factory.mktemp("fz")
-    _fuzz_one(tmp, name, mutation, expected=originals()[name])
+    _fuzz_one(tmp, name, mutation)
     shutil.rmtree(tmp)
 
 
 @settings(FUZZ, max_examples=CASES["truncated"])
+@reseed
 @given(name=st.sampled_from(KERAS + WEIGHTS), cut=st.floats(0, 1, exclude_max=True))
 def test_fuzz_truncated(tmp_path_factory, name, cut):
     """A file cut anywhere (an interrupted download or copy) never reads as complete."""
     tmp = tmp_path_factory.mktemp("fz")
-    out = _fuzz_one(tmp, name, ("truncate", cut))
+    out = _fuzz_one(tmp, name, ("truncate", cut), compare=False)
     assert out.startswith("surgeon "), f"{name} cut at {cut}: read a truncated file as complete"
     shutil.rmtree(tmp)
 
@@ -260,7 +202,7 @@ def test_declared_shape_larger_than_file_is_refused_before_allocating(tmp_path):
         del f[key]
         # chunked, unfilled: libhdf5 would happily hand back 2**38 fill values
         f.create_dataset(key, shape=(2**19, 2**19), dtype="float32", chunks=(64, 64))
-    out = run_isolated(_check_read, path, fixture("cnn_adam.keras"), None)
+    out = run_isolated("check_read", path, fixture("cnn_adam.keras"), None)
     assert out.startswith("surgeon "), out
     assert "declared shape (524288, 524288) needs 1099511627776 bytes" in out, out
 
@@ -276,16 +218,15 @@ def test_compressed_bomb_dataset_is_refused(tmp_path):
         ds = f.create_dataset(key, shape=(2**14, 2**14), dtype="float32", chunks=(2**12, 2**12),
                               compression="gzip")
         ds[:2**12, :2**12] = 0.0  # one real chunk; the rest is "fill value"
-    out = run_isolated(_check_read, path, fixture("cnn_adam.keras"), None)
+    out = run_isolated("check_read", path, fixture("cnn_adam.keras"), None)
     assert out.startswith("surgeon ") and "declared shape (16384, 16384)" in out, out
 
 
 def test_harness_reports_crashes_and_hangs():
     """The isolation itself works: a segfault, a hang and a memory blow-up are caught."""
-    assert run_isolated(lambda: (os.kill(os.getpid(), signal.SIGSEGV), "")[1]) \
-        == "CRASH killed by signal 11"
-    assert run_isolated(lambda: (time.sleep(10), "")[1], timeout=0.5).startswith("CRASH timeout")
-    out = run_isolated(lambda: str(np.ones(2**32, dtype=np.float64).sum()))
+    assert run_isolated("segv") == "CRASH killed by signal 11"
+    assert run_isolated("hang", timeout=0.5).startswith("CRASH timeout")
+    out = run_isolated("oom")
     assert out.startswith("CRASH exception") and "MemoryError" in out, out
 
 
@@ -343,14 +284,13 @@ print("DONE", counts, flush=True)
 def test_fuzz_tf_bundles(tmp_path):
     """Mutated/truncated TF checkpoint bundles (index and data files). Needs TensorFlow."""
     pytest.importorskip("tensorflow")
-    import random
     import subprocess
     import sys
     dirs = [str(FIXTURES / "tf" / d) for d in ("tf1_adam", "keras3_cnn_adam", "v1opt_adam")]
     dirs = [d for d in dirs if os.path.isdir(d)]
     if not dirs:
         pytest.skip("no TF bundle fixtures (fixtures/make_tf_fixtures.py)")
-    seed = random.randrange(2**31)
+    seed = int(SEED or 0)
     r = subprocess.run([sys.executable, "-c", TF_WORKER, ",".join(dirs), str(tmp_path),
                         str(TF_CASES), str(seed)], capture_output=True, text=True,
                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=60 + 5 * TF_CASES)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import COMBOS, fixture, load_keras_model
+from conftest import COMBOS, fixture, keras_canonical_names, load_keras_model
 from surgeon import open_checkpoint
 
 
@@ -65,16 +65,20 @@ def _check_against_keras(path, ck):
 @pytest.mark.parametrize("combo", COMBOS)
 def test_values_read_lazily_equal_keras(combo):
     path = fixture(f"{combo}.keras")
+    """Every weight by its name (same-shaped tensors swapped between names must fail)."""
     model = load_keras_model(path)
+    canon = keras_canonical_names(model)
     with open_checkpoint(path) as ck:
         entries = ck.entries()
-        weights = [e for e in entries if e.role in ("param", "state")]
-        ours = [ck.read(e.name) for e in weights]
+        ours = {e.name: ck.read(e.name) for e in entries if e.role in ("param", "state")}
         opt = [ck.read(e.name) for e in entries if e.role in ("slot", "optimizer")]
-    keras_weights = [v.numpy() for v in model.weights if "seed_generator" not in v.path]
-    assert sorted(a.tobytes() for a in ours) == sorted(a.tobytes() for a in keras_weights)
+    keras_weights = {canon[id(v)]: v.numpy() for v in model.weights if "seed_generator" not in v.path}
+    assert ours.keys() == keras_weights.keys()
+    for name, value in keras_weights.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    assert len(opt) == len(model.optimizer.variables)
     for a, v in zip(opt, model.optimizer.variables):
-        np.testing.assert_array_equal(a, v.numpy())
+        np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)
 
 
 def test_frozen_layer_has_no_slots():

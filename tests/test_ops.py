@@ -20,6 +20,22 @@ def orig(name="cnn_adam.keras"):
     return ORIG[name]
 
 
+@pytest.fixture(scope="module")
+def trained_targets(tmp_path_factory):
+    """The fresh recipe targets trained 2 steps by Keras: their slots are non-zero, so
+    ``keep``, ``reset`` and ``transplant`` give different results on them."""
+    from recipe_helpers import batch_for
+    d = tmp_path_factory.mktemp("trained_targets")
+    out = {}
+    for name in ("recipe/cnn5_fresh.keras", "recipe/encoder_fresh.keras"):
+        model = load_keras_model(fixture(name))
+        x, y = batch_for(model)
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False)
+        out[name] = str(d / name.split("/")[-1].replace("fresh", "trained"))
+        model.save(out[name])
+    return out
+
+
 def untouched_except(new, old, changed):
     for k in old:
         if k not in changed:
@@ -95,18 +111,50 @@ def test_reinit_default_initializers_seeded(tmp_path):
     plan, out = run(tmp_path, [reinit("head/*", seed=3)])
     n = read_all(out)
     details = {s.target: dict(s.detail) for s in plan.steps}
-    assert details["head/kernel"]["initializer"] == "glorot_uniform"
-    assert details["head/bias"]["initializer"] == "zeros"
-    expect = initializers.sample("glorot_uniform", (6, 3), rng_for(3, "head/kernel"))
-    np.testing.assert_allclose(n["head/kernel"], expect.astype("float32"))
-    limit = np.sqrt(6.0 / (6 + 3))
-    assert np.abs(n["head/kernel"]).max() <= limit and not n["head/bias"].any()
+    head = load_keras_model(fixture("cnn_adam.keras")).get_layer("head")  # what Keras declares
+    assert details["head/kernel"]["initializer"] == _snake(head.kernel_initializer) == "glorot_uniform"
+    assert details["head/bias"]["initializer"] == _snake(head.bias_initializer) == "zeros"
+    bound = np.abs(keras_draws("glorot_uniform", (6, 3))).max()
+    assert 0 < np.abs(n["head/kernel"]).max() <= bound * 1.0001 and not n["head/bias"].any()
     assert not np.allclose(n["head/kernel"], o["head/kernel"])
     for s in slots("head/kernel") + slots("head/bias"):
         assert not n[s].any()
     untouched_except(n, o, {"head/kernel", "head/bias", *slots("head/kernel"), *slots("head/bias")})
     run(tmp_path, [reinit("head/*", seed=3)], name="again.keras")
     np.testing.assert_array_equal(read_all(tmp_path / "again.keras")["head/kernel"], n["head/kernel"])
+
+
+def _snake(init):
+    import re
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(init).__name__).lower()
+
+
+def keras_draws(name, shape, n=50):
+    """``n`` tensors drawn by Keras' own initializer ``name`` (seeds 0..n-1), stacked."""
+    import keras
+    init = keras.initializers.get(name)
+    cfg = init.get_config()
+    return np.stack([np.asarray(type(init).from_config(dict(cfg, seed=i))(shape, "float32"))
+                     for i in range(n)])
+
+
+KERAS_INIT = ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform",
+              "lecun_normal", "random_normal", "random_uniform", "truncated_normal", "orthogonal"]
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 40), (300, 20), (20, 300)])
+def test_initializer_statistics_match_keras(shape):
+    """surgeon's numpy sampler against Keras' initializers: spread, centre and bound per shape
+    (fan_in != fan_out, so a fan mix-up shows)."""
+    rng = np.random.default_rng(0)
+    for name in KERAS_INIT:
+        ours = initializers.sample(name, shape, rng)
+        theirs = keras_draws(name, shape, n=2)
+        assert abs(ours.std() / theirs.std() - 1) < 0.05, (name, ours.std(), theirs.std())
+        assert abs(ours.mean()) < 0.05 * theirs.std() + 1e-12, (name, ours.mean())
+        if name not in ("random_normal", "orthogonal"):  # bounded: uniform or truncated
+            bound = np.abs(theirs).max()
+            assert bound * 0.9 < np.abs(ours).max() <= bound * 1.02, name
 
 
 def test_initializers_match_keras_semantics():
@@ -131,6 +179,8 @@ def test_noise_seeded(tmp_path):
     o = orig()
     run(tmp_path, [noise("conv2/*", std=0.05, seed=7)])
     n = read_all(tmp_path / "out.keras")
+    eps = ((n["conv2/kernel"] - o["conv2/kernel"]) / 0.05).astype(np.float64)  # ~ N(0, 1), 144 values
+    assert abs(eps.std() - 1) < 0.3 and abs(eps.mean()) < 0.3
     for w in ("conv2/kernel", "conv2/bias"):
         eps = rng_for(7, w).normal(0.0, 1.0, o[w].shape)
         np.testing.assert_allclose(n[w], (o[w] + 0.05 * eps).astype("float32"), rtol=1e-6)
@@ -147,9 +197,12 @@ def test_shrink_perturb(tmp_path, policy):
     assert {s.target for s in plan.steps} == {k for k in o if k.split("/")[0] in
                                                ("conv1", "bn", "conv2", "frozen", "head")
                                                and "moving" not in k}
+    for w in ("conv1/kernel", "conv2/kernel"):  # eps drawn like Keras' glorot_uniform for w
+        eps = (n[w].astype(np.float64) - 0.4 * o[w]) / 0.1
+        theirs = keras_draws("glorot_uniform", o[w].shape)
+        assert np.abs(eps).max() <= np.abs(theirs).max() * 1.001 + 1e-6, w
+        assert abs(eps.std() / theirs.std() - 1) < 0.25, (w, eps.std(), theirs.std())
     w = "conv1/kernel"
-    eps = initializers.sample("glorot_uniform", o[w].shape, rng_for(1, w))
-    np.testing.assert_allclose(n[w], (0.4 * o[w] + 0.1 * eps).astype("float32"), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(n["bn/moving_mean"], o["bn/moving_mean"])
     m, v = slots(w)
     expect = {"reset": (0 * o[m], 0 * o[v]), "keep": (o[m], o[v]),
@@ -226,21 +279,23 @@ def test_mask_on_weights_h5(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["reset", "transplant", "keep"])
-def test_transfer_by_name_with_reinit_head(tmp_path, policy):
-    src, tgt = orig(), orig("recipe/cnn5_fresh.keras")
+def test_transfer_by_name_with_reinit_head(tmp_path, policy, trained_targets):
+    target = trained_targets["recipe/cnn5_fresh.keras"]
+    src, tgt = orig(), orig(target)
     plan, out = run(tmp_path, [transfer(str(fixture("cnn_adam.keras")), on_mismatch="reinit",
-                                        slots=policy)], input="recipe/cnn5_fresh.keras")
+                                        slots=policy)], input=target)
     n = read_all(out)
     for w in ("conv1/kernel", "bn/gamma", "bn/moving_variance", "conv2/bias", "frozen/kernel"):
         np.testing.assert_array_equal(n[w], src[w])
     assert n["head/kernel"].shape == (6, 5) and not n["head/bias"].any()
     m, v = slots("conv1/kernel")
-    if policy == "transplant":
-        np.testing.assert_array_equal(n[m], src[m])
-        np.testing.assert_array_equal(n[v], src[v])
-        assert not n["optimizer/head/kernel/momentum"].any()  # reinit: reset
-    else:
-        np.testing.assert_array_equal(n[m], tgt[m])  # fresh target slots are zero either way
+    assert tgt[m].any() and tgt[v].any() and not np.array_equal(tgt[m], src[m])
+    want = {"transplant": src, "keep": tgt, "reset": {m: 0 * tgt[m], v: 0 * tgt[v]}}[policy]
+    np.testing.assert_array_equal(n[m], want[m])
+    np.testing.assert_array_equal(n[v], want[v])
+    head_m = "optimizer/head/kernel/momentum"
+    if policy != "keep":  # reinit: the target's slots restart
+        assert tgt[head_m].any() and not n[head_m].any()
     (report,) = plan.reports
     assert {m["target"] for m in report["mismatched"]} == {"head/kernel", "head/bias"}
     assert len(report["matched"]) == 10 and not report["unmatched_targets"]
@@ -326,9 +381,14 @@ def test_transplant_slots_and_iteration(tmp_path):
     del model
 
 
-def test_transplant_between_optimizers_resets_missing_slot_kinds(tmp_path):
+def test_transplant_between_optimizers_resets_missing_slot_kinds(tmp_path, trained_targets):
+    """Adagrad has no momentum/velocity: the (trained, non-zero) target slots become zero."""
+    target = trained_targets["recipe/encoder_fresh.keras"]
     plan, out = run(tmp_path, [transplant(str(fixture("nested_adagrad.keras")), layers=["backbone/*=encoder/*"])],
-                    input="recipe/encoder_fresh.keras")
-    n = read_all(out)
-    assert not n["optimizer/encoder/fc1/kernel/momentum"].any()
+                    input=target)
+    n, before = read_all(out), orig(target)
+    for w in ("fc1/kernel", "fc2/bias"):
+        for s in ("momentum", "velocity"):
+            name = f"optimizer/encoder/{w}/{s}"
+            assert before[name].any() and not n[name].any(), name
     np.testing.assert_array_equal(n["encoder/fc1/kernel"], orig("nested_adagrad.keras")["backbone/fc1/kernel"])
