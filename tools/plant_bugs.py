@@ -177,7 +177,9 @@ def run_tests(root: Path, tests) -> tuple[int, list, str]:
     """(pytest exit code, failed/errored node ids, output tail) for ``tests`` in ``root``."""
     env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("PYTEST_ADDOPTS", None)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    # -o addopts=: in-process, without the suite's xdist worker (whose -x exits 2, not 1)
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-x", "-q", "-rfE", "-p",
+           "no:cacheprovider", *tests]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
     return r.returncode, failed, (r.stdout + r.stderr)[-3000:]
