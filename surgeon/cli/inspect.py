@@ -101,8 +101,6 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
     if plot:  # the plot is an output: never one of the inputs
         atomic.check_output(plot, [*checkpoints, model, model_b])
     chunk_bytes = _size(chunk)
-    for path in checkpoints:  # all found before one is opened (a TF checkpoint loads TF)
-        detect(path)
     if series:
         from surgeon.inspect.series import diff_series
         res = diff_series(checkpoints, model=model, only=only, chunk_bytes=chunk_bytes)
@@ -115,6 +113,8 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
     if len(checkpoints) != 2:
         raise SurgeonError(f"diff takes 2 checkpoints (A B), got {len(checkpoints)}; "
                            "use --series for a run of checkpoints")
+    for path in checkpoints:  # both found before one is opened (a TF checkpoint loads TF)
+        detect(path)
     res = diff.diff_paths(*checkpoints, model=model, model_b=model_b, atol=atol, rtol=rtol, only=only,
                           ignore_optimizer=ignore_optimizer, maps=maps, chunk_bytes=chunk_bytes,
                           sample=diff.SAMPLE_PER_TENSOR if plot else 0)
