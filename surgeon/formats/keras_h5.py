@@ -240,7 +240,7 @@ class KerasH5Writer:
 
     def write(self, name, array):
         e = self.reader.entry(name)
-        for key in (e.key, *self.reader.mirrors.get(e.key, ())):
+        for key in (e.key, *getattr(self.reader, "mirrors", {}).get(e.key, ())):
             self._write_key(key, array)
 
     def _write_key(self, key, array):
