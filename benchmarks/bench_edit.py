@@ -11,7 +11,7 @@ peak RSS via wait4; page cache warm after the first round, which is not counted)
   transplant              surgeon transplant of the last layer from a twin file (two
                           inputs hashed)
 
-and prints the medians, the ratios to `cp` + `sync` (median of the per-round ratios:
+and prints the medians (wall and CPU seconds), the ratios to `cp` + `sync` (median of the per-round ratios:
 paired, so that a busy moment hits both), the goal (<= 1.2x) and the load average.
 
     python benchmarks/bench_edit.py                      # 1152 MB, 5 rounds
@@ -27,7 +27,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tower import LAYER_BYTES, PY, mb, measure, tower  # noqa: E402
+from _tower import LAYER_BYTES, PY, mb, tower  # noqa: E402
 
 GOAL = 1.2
 
@@ -63,6 +63,18 @@ def with_baseline(cmds: dict, baseline: str) -> dict:
     return out
 
 
+def measure(cmd, env):
+    """(wall s, peak RSS bytes, CPU s (user + system), returncode) of ``cmd`` in a fresh child."""
+    import subprocess
+    import time
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return (time.perf_counter() - t, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
+            os.waitstatus_to_exitcode(status))
+
+
 def run_round(out: Path, cmds: dict) -> dict:
     res = {}
     for name, cmd in cmds.items():
@@ -71,10 +83,10 @@ def run_round(out: Path, cmds: dict) -> dict:
         if isinstance(cmd, tuple):
             var, value, cmd = cmd
             env[var] = value
-        secs, rss, rc, _ = measure(cmd, env=env)
+        secs, rss, cpu, rc = measure(cmd, env=env)
         if rc != 0:
             raise SystemExit(f"{name} failed ({rc}): {' '.join(map(str, cmd))}")
-        res[name] = (secs, rss)
+        res[name] = (secs, rss, cpu)
     out.unlink(missing_ok=True)
     return res
 
@@ -102,8 +114,9 @@ def main(argv=None):
     print(f"one-tensor edit of {stem.name}.keras ({mb(size)}), {args.rounds} paired rounds, "
           f"{os.cpu_count()} cores; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
     print()
-    print("| route | median s | min s | peak RSS | ratio to cp + sync (median of pairs) | goal |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| route | median s | min s | CPU s (user+sys, median) | peak RSS "
+          "| ratio to cp + sync (median of pairs) | goal |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name in cmds:
         secs = [r[name][0] for r in rounds]
         ratios = [r[name][0] / r["cp + sync"][0] for r in rounds]
@@ -111,7 +124,8 @@ def main(argv=None):
         ratio = statistics.median(ratios)
         goal = "" if name == "cp + sync" or "no-hash" in name or "baseline" in name else \
             ("met" if ratio <= GOAL else "missed") + f" (<= {GOAL}x)"
-        print(f"| {name} | {statistics.median(secs):.2f} | {min(secs):.2f} | {mb(rss)} | "
+        cpu = statistics.median(r[name][2] for r in rounds)
+        print(f"| {name} | {statistics.median(secs):.2f} | {min(secs):.2f} | {cpu:.2f} | {mb(rss)} | "
               f"{ratio:.2f}x | {goal} |")
     print()
     print("per-round ratios: " + "; ".join(
