@@ -21,6 +21,7 @@ mkdir -p "$WORK"
 quick_args() {  # small sizes for a smoke run
     case "$1" in
         apply|diff) echo "--size-mb 128" ;;
+        edit) echo "--size-mb 128 --rounds 3" ;;
         ls) echo "--size-mb 128 --workdir $WORK" ;;
         scaling) echo "--sizes 64,128,256 --workdir $WORK" ;;
         convert) echo "--size-mb 64" ;;

@@ -1,8 +1,9 @@
-"""Clone-and-patch writers: copy the file in the kernel, then overwrite edited tensors in place.
+"""Clone-and-patch writers: copy the file, then overwrite edited tensors in place.
 
 When every edited tensor keeps its shape and dtype (the usual surgery), the fastest
-lossless output is the input itself, cloned (``shutil.copyfile`` uses ``sendfile``/
-``copy_file_range``), with those datasets overwritten in place through h5py. Every other
+lossless output is the input itself, cloned (a reflink where the filesystem can, else a
+copy from an mmap with writeback started as it goes: ``surgeon.core.fastio``), with
+those datasets overwritten in place through h5py. Every other
 byte is the input's. For a ``.keras`` the inner H5 is patched inside the cloned zip (it
 must be the last, stored member); the member's CRC is updated from the bytes that
 changed only (CRC-32 is affine, so ``crc(new) = crc(old) ^ crc(diff) ^ crc(zeros)``),
@@ -10,8 +11,6 @@ and the central directory is rewritten. Same protocol as the other writers.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import zipfile
 import zlib
@@ -20,10 +19,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from surgeon.core import atomic
+from surgeon.core import atomic, fastio
 from surgeon.core.errors import WriteError
 from .window import Window
 from .keras_zip import WEIGHTS, _data_offset
+from .clone import BackgroundClone  # noqa: F401  (re-exported: the writers adopt one)
 
 # -- CRC-32 algebra (zlib's crc32_combine, which Python's zlib does not expose) ----------
 _POLY = 0xEDB88320
@@ -119,19 +119,10 @@ class CrcTrackingFile(Window):
 
 
 def clone_file(src, dst):
-    """Copy ``src`` to ``dst`` in the kernel: ``copy_file_range`` (a reflink on XFS/btrfs,
-    server-side on NFS), else ``sendfile`` via shutil; the mode bits follow."""
-    try:
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            left = os.fstat(fi.fileno()).st_size
-            while left > 0:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
-                if n == 0:
-                    raise OSError("copy_file_range made no progress")
-                left -= n
-    except (AttributeError, OSError):
-        shutil.copyfile(src, dst)
-    shutil.copymode(src, dst)
+    """Copy ``src`` to ``dst``: a reflink where the filesystem can, else a copy from an mmap
+    with writeback started as it goes (``surgeon.core.fastio.copy_file``); the mode bits
+    follow."""
+    fastio.copy_file(src, dst)
 
 
 class _PatchBase:
@@ -187,10 +178,11 @@ class _PatchBase:
 class PatchH5Writer(_PatchBase):
     """Clone a single-file ``.weights.h5`` and patch the edited datasets in place."""
 
-    def __init__(self, reader, target):
+    def __init__(self, reader, target, clone=None):
         self.reader, self.target = reader, Path(target)
-        self._tmp = atomic.temp_path(self.target)
-        self._begin(lambda: (clone_file(reader.path, self._tmp), self._open(self._tmp)))
+        self._tmp = clone.tmp if clone else atomic.temp_path(self.target)
+        copy = clone.take if clone else (lambda: clone_file(reader.path, self._tmp))
+        self._begin(lambda: (copy(), self._open(self._tmp)))
 
     def finalize(self):
         try:
@@ -221,14 +213,18 @@ def zip_patchable(reader) -> bool:
 class PatchZipWriter(_PatchBase):
     """Clone a ``.keras`` and patch its inner H5 in place (see the module docstring)."""
 
-    def __init__(self, reader, target):
+    def __init__(self, reader, target, clone=None):
         self.reader, self.target = reader, Path(target)
         self._replace = {}
-        self._tmp = atomic.temp_path(self.target)
+        self._tmp = clone.tmp if clone else atomic.temp_path(self.target)
+        self._clone = clone
         self._begin(self._setup)
 
     def _setup(self):
-        clone_file(self.reader.zip_path, self._tmp)
+        if self._clone:
+            self._clone.take()
+        else:
+            clone_file(self.reader.zip_path, self._tmp)
         self._file = open(self._tmp, "r+b")
         self._winfo = next(i for i in self.reader.members if i.filename == WEIGHTS)
         self._data = _data_offset(self.reader.zip_path, self._winfo)
@@ -312,12 +308,17 @@ class PatchZipWriter(_PatchBase):
         atomic.discard(self._tmp)
 
 
-def open_patch_writer(target, like):
-    """A clone-and-patch writer for ``like`` when its format allows it, else None."""
+def open_patch_writer(target, like, clone=None):
+    """A clone-and-patch writer for ``like`` when its format allows it, else None.
+    ``clone``: a ``BackgroundClone`` already copying the input to ``target``'s temp file,
+    adopted when it copies this input for this target."""
     if like.format == "keras-weights-h5" and len(getattr(like, "_files", [])) == 1 \
             and Path(target).resolve() != Path(like.path).resolve():
-        return PatchH5Writer(like, target)
+        ok = clone is not None and clone.matches(like.path, target)
+        return PatchH5Writer(like, target, clone if ok else None)
     if like.format == "keras" and zip_patchable(like) \
             and Path(target).resolve() != Path(like.zip_path).resolve():
-        return PatchZipWriter(like, target)
+        ok = clone is not None and clone.matches(like.zip_path, target)
+        return PatchZipWriter(like, target, clone if ok else None)
     return None
+

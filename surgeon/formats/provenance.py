@@ -11,6 +11,7 @@ import datetime
 import glob
 import hashlib
 import json
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,15 +21,10 @@ MEMBER = "surgeon/provenance.json"
 H5_KEY = "surgeon/provenance"
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1 << 22)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path, cancel=None) -> str:
+    """sha256 of one file (over an mmap: see ``surgeon.core.fastio``)."""
+    from surgeon.core.fastio import sha256_file
+    return sha256_file(path, cancel)
 
 
 def checkpoint_files(path) -> list:
@@ -48,14 +44,14 @@ def checkpoint_files(path) -> list:
     return [path]
 
 
-def content_hash(path) -> str:
+def content_hash(path, cancel=None) -> str:
     """sha256 of the checkpoint's file (or of its files' hashes, for multi-file ones)."""
     files = checkpoint_files(path)
     if len(files) == 1:
-        return file_sha256(files[0])
+        return file_sha256(files[0], cancel)
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+        h.update(f"{f.name}:{file_sha256(f, cancel)}\n".encode())
     return h.hexdigest()
 
 
@@ -81,18 +77,22 @@ def read_log(path) -> list:
 
 
 class Hasher:
-    """Content hashes computed in background threads (hashing and file reads release the
-    GIL), so hashing a large input overlaps with cloning and editing it."""
+    """Content hashes computed in background threads (hashing releases the GIL), so hashing
+    a large input overlaps with cloning and editing it; two inputs (a transplant's target
+    and source) are hashed side by side when the machine has two cores."""
 
     def __init__(self, enabled=True):
+        import os
         from concurrent.futures import ThreadPoolExecutor
         self.enabled = enabled
-        self._pool = ThreadPoolExecutor(max_workers=1) if enabled else None
+        workers = max(1, min(2, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers) if enabled else None
         self._jobs = {}
+        self._cancel = threading.Event()
 
     def start(self, path):
         if self.enabled and str(path) not in self._jobs:
-            self._jobs[str(path)] = self._pool.submit(content_hash, path)
+            self._jobs[str(path)] = self._pool.submit(content_hash, path, self._cancel)
 
     def get(self, path):
         if not self.enabled:
@@ -101,7 +101,9 @@ class Hasher:
         return self._jobs[str(path)].result()
 
     def close(self):
+        """Stop: hashes not asked for are abandoned (a failed run does not wait for them)."""
         if self._pool:
+            self._cancel.set()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 

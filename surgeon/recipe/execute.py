@@ -105,16 +105,17 @@ class _SlotState:
             self.changed[name] = np.zeros_like(cur) if src is None else np.asarray(src).astype(cur.dtype)
 
 
-def open_output(out, reader, plan, patch=True):
+def open_output(out, reader, plan, patch=True, clone=None):
     """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
-    (fastest, every other byte is the input's), else the rebuilding lossless writer."""
+    (fastest, every other byte is the input's), else the rebuilding lossless writer.
+    ``clone``: a ``BackgroundClone`` of the input the patch writer may adopt."""
     from surgeon.core import atomic
     from surgeon.formats import check_output_name, open_writer
     atomic.check_output(out, [reader.path])
     check_output_name(out, reader.format, reader.path)
     if patch and all(s.dtype == s.new_dtype for s in plan.steps):
         from surgeon.formats.keras_patch import open_patch_writer
-        writer = open_patch_writer(out, reader)
+        writer = open_patch_writer(out, reader, clone)
         if writer is not None:
             return writer
     return open_writer(out, like=reader)
@@ -140,13 +141,7 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
     Example:
         >>> plan, stats = apply(load_recipe("recipes/reset_head.py"))
     """
-    from pathlib import Path
-
-    from surgeon.core import __version__
     from surgeon.formats import provenance
-    from surgeon.core.errors import RecipeError
-    from .plan import PlanContext, make_plan, model_json_for, open_input
-
     from surgeon.recipe import structural as recipe_ops
     if not dry_run and recipe.output:  # refuse before any work
         _check_output(recipe, origin)
@@ -163,6 +158,41 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         return plan, stats
 
     hasher = provenance.Hasher(hash_inputs and not dry_run)
+    first = origin or recipe.input
+    clone = None
+    try:
+        if first and os.path.exists(first):  # hash while the input is opened and planned
+            hasher.start(first)
+        clone = None if dry_run or not patch else _early_clone(recipe)
+        return _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural,
+                             hasher, clone)
+    finally:
+        if clone is not None:
+            clone.discard()
+        hasher.close()
+
+
+def _early_clone(recipe):
+    """Start copying the input to the output's temp file now, when the output will most
+    likely be a clone-and-patch of it (no op changes a dtype; a patchable file), so that
+    the copy overlaps importing, opening and planning; None otherwise."""
+    from surgeon.formats.clone import BackgroundClone, may_patch
+    out, inp = recipe.output, recipe.input
+    if not out or not inp or not os.path.isdir(os.path.dirname(os.path.abspath(out))) \
+            or any(op.op == "cast" for op in recipe.ops) or not may_patch(inp):
+        return None
+    return BackgroundClone(inp, out)
+
+
+def _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural, hasher,
+                  clone=None):
+    from pathlib import Path
+
+    from surgeon.core import __version__, atomic
+    from surgeon.core.errors import RecipeError
+    from surgeon.formats import provenance
+    from .plan import PlanContext, make_plan, model_json_for, open_input
+
     with open_input(recipe) as reader:
         ctx = PlanContext(recipe, reader, model_json_for(recipe))
         try:
@@ -170,7 +200,6 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             plan.structural = list(structural)
             if dry_run:
                 return plan, None
-            first = origin or recipe.input
             for src in [first, *ctx.sources]:
                 hasher.start(src)
             if not plan.output:
@@ -179,9 +208,8 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             if make_dirs:
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
-            from surgeon.core import atomic
             atomic.check_output(out, [first, recipe.model, *ctx.sources])
-            with open_output(out, reader, plan, patch) as writer:
+            with open_output(out, reader, plan, patch, clone) as writer:
                 stats = run(plan, ctx, writer, progress)
                 history = provenance.read_log(first)
                 record = provenance.make_record(recipe, plan, inputs, __version__, hasher)
@@ -189,7 +217,6 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
                 writer.finalize()
             return plan, stats
         finally:
-            hasher.close()
             ctx.close()
 
 

@@ -1,0 +1,124 @@
+"""Fast whole-file I/O for the clone-and-patch writers and the input content hashes.
+
+Measured on the 2-core ext4 VM (1.15 GB ``.keras``, page cache warm; benchmarks/RESULTS.md):
+
+- ``copy_file``: ``copy_file_range`` (in the kernel; a reflink on XFS/btrfs) 64 MB at a
+  time, 0.5 s of CPU per 1.15 GB on ext4 (a copy from an mmap took 0.75 s, ``cp`` 0.7 s).
+  Writeback of each copied piece is started at once (``sync_file_range``, asynchronous),
+  so the disk writes while the copy goes on and while the caller edits the copy; the
+  final ``fsync`` before the atomic rename (``atomic.commit``) finds little left to
+  write. ``cp`` + ``sync`` does the two one after the other.
+- ``sha256_file``: sha256 (SHA-NI where the CPU has it, through OpenSSL) over an ``mmap``
+  of the file: no copy into Python buffers, 0.85 s of CPU per 1.15 GB against 1.1 s with
+  ``read()`` and 1.5 s with ``hashlib.file_digest``. BLAKE2b is slower here (0.6 GB/s).
+  Hashing releases the GIL, so it runs on another core beside the copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import shutil
+
+CHUNK = 1 << 23  # 8 MB per hash update
+FLUSH_EVERY = 1 << 26  # start writeback every 64 MB
+WINDOW = 1 << 26  # map 64 MB at a time
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class Cancelled(Exception):
+    """``sha256_file`` stopped because its ``cancel`` event was set."""
+
+
+def sha256_file(path, cancel=None) -> str:
+    """sha256 hex digest of the file at ``path``; raises ``Cancelled`` as soon as the
+    ``cancel`` event (a ``threading.Event``) is set (a run failing early stops hashing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for view in mapped(f):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(path)
+            h.update(view)
+    return h.hexdigest()
+
+
+def mapped(f, window=WINDOW):
+    """The bytes of the open file ``f`` as successive read-only memoryviews of at most
+    ``CHUNK`` bytes, mapped ``window`` bytes at a time (so the mapped pages counted in the
+    process RSS stay bounded); plain reads where the file cannot be mapped."""
+    size = os.fstat(f.fileno()).st_size
+    for start in range(0, size, window):
+        length = min(window, size - start)
+        try:
+            m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError):  # not mappable (an odd filesystem): read instead
+            f.seek(start)
+            for i in range(0, length, CHUNK):
+                yield memoryview(f.read(min(CHUNK, length - i)))
+            continue
+        with m:
+            _advise(m)
+            view = memoryview(m)
+            try:
+                for i in range(0, length, CHUNK):
+                    part = view[i:i + CHUNK]
+                    try:
+                        yield part
+                    finally:
+                        part.release()
+            finally:
+                view.release()
+
+
+def _advise(m):
+    try:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+
+
+_sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now,
+    without waiting for it (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); a no-op where the
+    call does not exist. Durability still comes from the ``fsync`` before the rename."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _sync_file_range = fn
+        except (OSError, AttributeError, ImportError):
+            pass
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def copy_file(src, dst, cancel=None) -> None:
+    """Copy ``src`` onto ``dst`` (created or truncated) in the kernel, 64 MB at a time
+    (``copy_file_range``: a reflink on XFS/btrfs, server-side on NFS), starting the
+    writeback of each piece as it goes; ``shutil.copyfile`` where the call is missing or
+    refused. The mode bits follow. Raises ``Cancelled`` when the ``cancel`` event is set."""
+    with open(src, "rb") as fi, open(dst, "wb", buffering=0) as fo:
+        size, done = os.fstat(fi.fileno()).st_size, 0
+        try:
+            while done < size:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(src)
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(size - done, FLUSH_EVERY))
+                if n == 0:
+                    raise OSError("copy_file_range made no progress")
+                start_writeback(fo.fileno(), done, n)
+                done += n
+        except (AttributeError, OSError):
+            if done:  # start over (a partly written copy is never kept)
+                fo.seek(0)
+                fo.truncate()
+            fi.seek(0)
+            shutil.copyfileobj(fi, fo, CHUNK)
+    shutil.copymode(src, dst)
