@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Before any TensorFlow import, here and in every subprocess (they inherit it): oneDNN's
 # kernels (on by default on AVX-512/AMX Xeons) crash conv training with SIGSEGV there and
-# make results CPU-dependent. surgeon itself does the same (surgeon/_tf.py).
+# make results CPU-dependent. surgeon itself does the same (surgeon/core/tf.py).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
