@@ -125,8 +125,10 @@ class BundleReader:
 
     format = "tf-checkpoint"
 
-    def __init__(self, path, prefix, kind, saved_model=None):
+    def __init__(self, path, prefix, kind, saved_model=None, model=None):
         self.path, self.prefix, self.kind = Path(path), prefix, kind
+        from .keras_h5 import read_model_json
+        self.model_config = read_model_json(model)
         self.saved_model_dir = saved_model
         self.num_shards = check_files(prefix)
         tf = _tf()
@@ -153,7 +155,7 @@ class BundleReader:
         proto = trackable_object_graph_pb2.TrackableObjectGraph()
         try:
             proto.ParseFromString(self.read_key(GRAPH_KEY))
-            graph = Graph(proto, self.keys, self._saved_nodes())
+            graph = Graph(proto, self.keys, self._saved_nodes(), self.model_config)
             mapping = map_graph(graph)
         except SurgeonError:
             raise
@@ -232,7 +234,7 @@ class BundleReader:
 def open_bundle(path, model=None):
     """Open a TF checkpoint (prefix, ``.index`` file or directory with a ``checkpoint`` file)."""
     prefix, kind = resolve(path)
-    return BundleReader(path, prefix, kind)
+    return BundleReader(path, prefix, kind, model=model)
 
 
 def open_saved_model(path, model=None):
@@ -241,7 +243,7 @@ def open_saved_model(path, model=None):
     prefix = str(d / "variables" / "variables")
     if not os.path.exists(prefix + ".index"):
         raise FormatError(f"{path}: SavedModel has no variables/variables.index")
-    r = BundleReader(path, prefix, "saved-model", saved_model=d)
+    r = BundleReader(path, prefix, "saved-model", saved_model=d, model=model)
     r.format = "saved-model"
     return r
 

@@ -39,8 +39,9 @@ _LEGACY_CLASSES = {"Adam": "Adam", "RMSProp": "RMSprop", "RMSprop": "RMSprop",
 class Graph:
     """The parsed object graph plus optional SavedModel object metadata (same node ids)."""
 
-    def __init__(self, proto, keys, saved_nodes=None):
+    def __init__(self, proto, keys, saved_nodes=None, config=None):
         self.nodes = proto.nodes
+        self.config, self.unnamed = config, False
         self.keys = keys
         self.var_key, self.full_name, self.hidden = {}, {}, []
         for i, n in enumerate(self.nodes):
@@ -137,6 +138,72 @@ def _graph_path(parent, node):
     return "/".join(reversed(parts))
 
 
+def _is_model(g, i):
+    return any(e in ("_operations", "_functional") for e, _ in g.children(i))
+
+
+def _is_list(g, i):
+    kids = g.children(i)
+    return bool(kids) and all(e.isdigit() for e, _ in kids)
+
+
+def _in_model(g, parent, layer, full):
+    """A Keras 3 variable's canonical name from its path and the graph.
+
+    The path is the name scope the variable was built in: ``<layer>/<sublayer>/<var>``,
+    prefixed by the Sequential's own name when a Sequential builds its layers
+    (``seq/tok/embeddings``) and without the nested model's name when a nested Functional
+    model built its layers. The canonical name keeps one path component per layer node
+    from the model down to the owner, plus the leaf; the top model's name is left out;
+    nested models are named from the model config (``--model``), their index in the
+    parent's ``_operations`` being their index in the config's ``layers``. Without a
+    config (or one that does not fit), names inside nested models are their paths."""
+    chain, node = [], layer
+    while node is not None:
+        chain.append((node, parent[node][1] if parent.get(node) else ""))
+        node = parent[node][0] if parent.get(node) else None
+    models = [k for k, (n, e) in enumerate(chain) if _is_model(g, n) and e != "_functional"]
+    if not models:
+        return full
+    below = [k for k in range(models[0]) if not _is_list(g, chain[k][0])
+             and not _is_model(g, chain[k][0])]
+    parts = full.split("/")
+    if not below or len(parts) <= len(below):
+        return full
+    rel = parts[-(len(below) + 1):]
+    if len(models) == 1:
+        return "/".join(rel)
+    names = _nested_names(g, chain, models, below[-1], rel[0])
+    if names is None:
+        g.unnamed = True
+        return full
+    return "/".join(names + rel)
+
+
+def _nested_names(g, chain, models, top_layer, layer_name):
+    """Names of the nested models in ``chain`` (outermost first) from the model config,
+    checked against the owning layer's own name; None without a fitting config."""
+    cfg, names = g.config, []
+    for k in reversed(models[:-1]):
+        item = _config_item(cfg, chain[k][1])
+        if item is None or not isinstance((item.get("config") or {}).get("layers"), list):
+            return None
+        names.append(item["config"].get("name") or item.get("name"))
+        cfg = item
+    item = _config_item(cfg, chain[top_layer][1])
+    if item is None or (item.get("config") or {}).get("name", item.get("name")) != layer_name:
+        return None
+    return names if all(isinstance(n, str) for n in names) else None
+
+
+def _config_item(cfg, edge):
+    layers = ((cfg or {}).get("config") or {}).get("layers") if isinstance(cfg, dict) else None
+    if not isinstance(layers, list) or not edge.isdigit() or int(edge) >= len(layers):
+        return None
+    item = layers[int(edge)]
+    return item if isinstance(item, dict) else None
+
+
 def _model_names(g, parent, owner):
     """node -> (canonical name, layer, frozen) for every variable reachable from the root."""
     out = {}
@@ -150,6 +217,7 @@ def _model_names(g, parent, owner):
             frozen = not all(g.layer_trainable.get(n, True) for n in chain)
             out[j] = (f"{layer}/{leaf}", layer, frozen)
         elif full and not _GENERIC.match(full):
+            full = _in_model(g, parent, p, full) if j in owner else full
             out[j] = (full, full.rsplit("/", 1)[0] if "/" in full else "", False)
         else:
             path = _graph_path(parent, j)
@@ -246,10 +314,11 @@ def map_graph(g: Graph) -> Mapping:
     rank = _dfs_order(g)
     names = dict(sorted(names.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     out = _entries(g, names, slots, globs, trainable, info, parent)
-    if _nested_models(g, parent):
+    if _nested_models(g, parent) and (g.unnamed or g.config is None):
         out.notes.append("nested models: TF checkpoints do not record layer names, so "
                          "weights inside a nested model are named by their variable path "
-                         "(without the nested model's name)")
+                         "(without the nested model's name); pass the model's .keras or "
+                         "config.json as --model to name them as in .keras")
     return out
 
 

@@ -221,9 +221,22 @@ def diff_paths(path_a, path_b, *, model=None, model_b=None, **kw) -> DiffResult:
     """Open two checkpoints and compare them (``model`` applies to bare weights files;
     ``model_b``, when given, to B instead)."""
     from surgeon.formats import open_checkpoint
-    with open_checkpoint(path_a, model=model_for(path_a, model)) as ra, \
-            open_checkpoint(path_b, model=model_for(path_b, model_b or model)) as rb:
+    model_a, model_b = model_for(path_a, model), model_for(path_b, model_b or model)
+    model_a = model_a or _partner(path_a, path_b)
+    model_b = model_b or _partner(path_b, path_a)
+    with open_checkpoint(path_a, model=model_a) as ra, \
+            open_checkpoint(path_b, model=model_b) as rb:
         return diff_checkpoints(ra, rb, **kw)
+
+
+def _partner(path, other):
+    """A TF checkpoint does not record the names of nested models; compared with a
+    ``.keras`` file, it takes them from that file's config (only where the config fits the
+    checkpoint's structure and layer names, see ``formats.tf_objgraph``)."""
+    from surgeon.formats import detect
+    if detect(path) in ("tf-checkpoint", "saved-model") and detect(other) == "keras":
+        return other
+    return None
 
 
 def model_for(path, model):
