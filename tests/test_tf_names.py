@@ -91,3 +91,16 @@ def test_misfitting_model_does_not_rename(tmp_path):
     with surgeon.open_checkpoint(NESTED[1], model=FIXTURES / "cnn_adam.keras") as b:
         names = {e.name for e in b.entries()}
     assert "fc1/kernel" in names and not any(n.startswith("backbone/") for n in names)
+
+
+def test_convert_nested_keras_to_checkpoint_pairs_by_name(tmp_path):
+    """convert .keras -> TF checkpoint pairs every weight by its canonical name (never by
+    layer order) and the result diffs "equal" against its source."""
+    from surgeon.convert import convert
+    report = convert(NESTED[0], tmp_path / "out.ckpt")
+    hows = {p.target: p.how for p in report.pairs}
+    assert hows["backbone/fc1/kernel"] == "name"
+    assert "order" not in hows.values()
+    written = next(tmp_path.glob("out.ckpt*.index"))
+    code, out = _diff(NESTED[0], str(written)[:-len(".index")])
+    assert code == 0 and out["equal"] is True, out

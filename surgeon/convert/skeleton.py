@@ -228,7 +228,8 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
     if fmt == "tf-checkpoint":
         tf = import_tf()
         objs = {"model": model} | ({"optimizer": model.optimizer} if opt is not None else {})
-        return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), None
+        # the .keras twin names the checkpoint's nested models (not recorded in it)
+        return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), keras_path
     raise SurgeonError(f"cannot write format {fmt!r}")
 
 
