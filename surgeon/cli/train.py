@@ -86,8 +86,6 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
       surgeon resume fixtures/nested_adamw.weights.h5 --model fixtures/nested_adamw.keras \\
           --data recipes/example_data.py:nested_data --steps 5 -o /tmp/n.weights.h5 --json
     """
-    from surgeon.train.checkpoint import check_output
-    check_output(checkpoint, output, model)  # before TensorFlow loads: nothing else is done
     from surgeon.train import resume
     from surgeon.train.loop import check_arguments
     check_arguments(checkpoint, data, steps, output, model)  # before TensorFlow loads

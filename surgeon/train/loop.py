@@ -175,7 +175,8 @@ def _multiworker(strategy):
 
 
 def check_arguments(checkpoint, data, steps, output=None, model=None):
-    """The checks that need no TensorFlow, done before importing it (mistakes fail fast)."""
+    """The checks that need no TensorFlow, done before importing it (mistakes fail fast),
+    the output guard included."""
     from surgeon.formats import detect
     from .data import check_spec
     if steps < 0:
@@ -191,9 +192,8 @@ def check_arguments(checkpoint, data, steps, output=None, model=None):
     out = Path(str(output))
     if "{iteration}" not in str(out.parent) and not out.parent.exists():
         raise SurgeonError(f"{out}: output directory {out.parent} does not exist")
-    ck = Path(str(checkpoint))
-    if out.exists() and ck.exists() and out.resolve() == ck.resolve():
-        raise SurgeonError(f"{out}: output is the input; choose another output path")
+    from . import checkpoint as ckpt
+    ckpt.check_output(checkpoint, output, model)  # not an input; a format resume writes
 
 
 def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed=None,
@@ -228,10 +228,8 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
         >>> resume("fixtures/cnn_adam.keras", data="recipes/example_data.py:cnn_data",
         ...        steps=5, output="/tmp/cnn_more.keras")
     """
-    check_arguments(checkpoint, data, steps, output if write else None, model)
     from . import checkpoint as ckpt
-    if write:
-        ckpt.check_output(checkpoint, output, model)  # before any work
+    check_arguments(checkpoint, data, steps, output if write else None, model)  # before any work
     args = {"checkpoint": str(checkpoint), "data": data, "steps": steps, "output": output,
             "model": model, "every": every, "seed": seed, "batch_size": batch_size,
             "allow_missing": allow_missing, "reset_optimizer": reset_optimizer,
