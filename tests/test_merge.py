@@ -189,3 +189,73 @@ def test_merged_model_does_both_tasks(zoo):
     assert s["ft_a"][tb] < 0.5 and s["ft_b"][ta] < 0.5  # ... and forgot the other
     worst = {k: min(v.values()) for k, v in s.items()}
     assert worst["merged"] > max(worst["ft_a"], worst["ft_b"]) + 0.3, s
+
+
+# -- LoRA: merge (fold) and extract/load by layer path -----------------------------------------
+
+@pytest.fixture(scope="module")
+def lora(zoo):
+    """The digits base with LoRA on fc1 and head, trained on task A: .keras and TF checkpoint."""
+    import keras
+    import tensorflow as tf
+    model = keras.saving.load_model(zoo["base"])
+    model.get_layer("fc1").enable_lora(4)
+    model.get_layer("head").enable_lora(2, lora_alpha=4)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    xtr, ytr, xte, _ = merge_tasks.data()
+    model.fit(xtr[:256], ytr[:256], batch_size=64, epochs=1, verbose=0, shuffle=False)
+    d = zoo["dir"]
+    model.save(d / "lora.keras")
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(d / "lora_ckpt" / "ckpt"))
+    return {"model": model, "keras": d / "lora.keras", "ckpt": d / "lora_ckpt", "x": xte[:64],
+            "iterations": int(model.optimizer.iterations.numpy())}
+
+
+@pytest.mark.parametrize("src", ["keras", "ckpt"])
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(zoo, lora, src):
+    out = zoo["dir"] / f"plain_{src}.keras"
+    like = ["--like", lora["keras"]] if src == "ckpt" else []
+    res = run_cli("lora", "merge", lora[src], *like, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert [x["layer"] for x in rep["layers"]] == ["fc1", "head"]
+    assert len(rep["dropped_slots"]) == 8 and len(rep["zeroed_slots"]) == 4
+    _, plain = weights(out)
+    want = np.asarray(lora["model"](lora["x"], training=False))
+    np.testing.assert_allclose(np.asarray(plain(lora["x"], training=False)), want, atol=1e-5)
+    assert "lora_rank" not in json.dumps(plain.get_config())
+    assert {"fc1/kernel", "head/kernel"} <= {v.path for v in plain.trainable_variables}
+    assert int(plain.optimizer.iterations.numpy()) == lora["iterations"]
+    assert "healthy, no findings" in run_cli("audit", out).output
+
+
+def test_lora_merge_refusals(zoo, lora):
+    res = run_cli("lora", "merge", zoo["base"], "-o", zoo["dir"] / "p.keras")
+    assert res.exit_code == 2 and "no layer has LoRA enabled" in res.output
+    res = run_cli("lora", "merge", lora["ckpt"], "-o", zoo["dir"] / "p.keras")
+    assert res.exit_code == 2 and "pass --like" in res.output
+    assert not (zoo["dir"] / "p.keras").exists()
+
+
+def test_lora_extract_and_load_by_layer_path(zoo):
+    import keras
+    import surgeon.keras
+    x = merge_tasks.data()[2][:64]
+    want = np.asarray(keras.saving.load_model(zoo["ft_a"])(x, training=False))
+    full = zoo["dir"] / "full.npz"
+    res = run_cli("lora", "extract", "--base", zoo["base"], zoo["ft_a"], "--rank", 64, "-o", full,
+                  "--json")
+    meta = json.loads(res.output)
+    assert {(x["layer"], x["rank"]) for x in meta["layers"]} == {("fc1", 32), ("head", 10)}
+    assert max(x["rel_error"] for x in meta["layers"]) < 1e-6
+    model = surgeon.keras.load_lora(keras.saving.load_model(zoo["base"]), full)
+    assert model.get_layer("fc1").lora_enabled
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), want, atol=1e-5)
+    low = zoo["dir"] / "low.npz"
+    meta = json.loads(run_cli("lora", "extract", "--base", zoo["base"], zoo["ft_a"], "--rank", 2,
+                              "-o", low, "--json").output)
+    assert all(0 < x["rel_error"] < 1 for x in meta["layers"])
+    inp = keras.Input((64,), name="pixels")
+    other = keras.Model(inp, keras.layers.Dense(10, name="fc9")(inp))
+    with pytest.raises(surgeon.SurgeonError, match="adapter layer 'fc1' does not exist in model"):
+        surgeon.keras.load_lora(other, low)

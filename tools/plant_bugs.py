@@ -53,6 +53,7 @@ FILES = {
     "convert_skeleton": "surgeon/convert/skeleton.py",
     "merge_methods": "surgeon/merging/methods.py",
     "op_merge": "surgeon/ops/merge.py",
+    "lora": "surgeon/train/lora.py",
 }
 
 
@@ -157,6 +158,10 @@ BUGS = [
     Bug("merge-shape-unchecked", "op_merge", "if tuple(x.shape) != tuple(e.shape):", "if False:",
         ("tests/test_merge.py::test_refusals_write_nothing",),
         "merge no longer checks every input's shapes at plan time"),
+    Bug("lora-alpha-from-rank", "lora", "layer.lora_alpha = alphas.get(layer.name, layer.lora_alpha)",
+        "layer.lora_alpha = layer.lora_alpha",
+        ("tests/test_merge.py::test_lora_merge_gives_a_plain_model_with_the_same_outputs",),
+        "lora merge of a TF checkpoint folds with alpha = rank (Keras' loader), not the stored alpha"),
 ]
 
 

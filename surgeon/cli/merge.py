@@ -1,6 +1,7 @@
 """CLI: ``surgeon merge`` (model merging) and ``surgeon lora`` (LoRA merge and extract)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -50,9 +51,9 @@ def _weights(values):
 @click.option("--no-hash-inputs", is_flag=True, help="Do not record the inputs' sha256.")
 def merge_cmd(models, output, base, method, weight, density, drop, scale, t, normalize, combine,
               seed, sets, select, state, optimizer_from, dry_run, as_json, no_hash_inputs):
-    """Merge fine-tunes of one model, in any readable formats.
+    """Merge fine-tunes of one base model.
 
-    Tensors pair by canonical name; every name and shape is checked before any value is
+    Inputs in any readable formats. Tensors pair by canonical name; every name and shape is checked before any value is
     read; tensors stream one at a time across all inputs. The output has the layout and
     format of the template (--optimizer-from, else --base, else the first model).
 
@@ -76,5 +77,77 @@ def merge_cmd(models, output, base, method, weight, density, drop, scale, t, nor
     render(plan, stats, dry_run, as_json)
 
 
+@click.group("lora")
+def lora_group():
+    """LoRA: fold adapters in, or extract one.
+
+    \b
+    Examples:
+      surgeon lora merge lora_model.keras -o plain.keras
+      surgeon lora extract --base base.keras tuned.keras --rank 8 -o adapter.npz
+    """
+
+
+@lora_group.command("merge")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--output", required=True, help="The plain model (.keras).")
+@click.option("--like", default=None, type=click.Path(),
+              help="For a TF checkpoint: the LoRA model's .keras (config and optimizer).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def lora_merge_cmd(src, output, like, as_json):
+    """Fold every LoRA adapter into its kernel.
+
+    From a TF checkpoint (factors stored), kernel + (alpha/rank)·A·B; from a .keras, the
+    stored kernel (Keras saves it folded). lora_rank/lora_alpha leave the config, the
+    factors' optimizer slots are dropped, the kernel is trainable again with zero slots.
+
+    \b
+    Examples:
+      surgeon lora merge lora_model.keras -o plain.keras
+      surgeon lora merge ckpt_dir/ --like lora_model.keras -o plain.keras
+    """
+    from surgeon.train.lora import merge_lora
+    rep = merge_lora(src, output, like)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=1))
+        return
+    for x in rep.layers:
+        click.echo(f"  {x['layer']}: rank {x['rank']}, alpha {x['alpha']:g} ({x['kernel']})")
+    click.echo(f"  optimizer: {len(rep.dropped_slots)} factor slot(s) dropped, "
+               f"{len(rep.zeroed_slots)} kernel slot(s) start at zero")
+    click.echo(f"wrote {output} ({len(rep.layers)} LoRA layer(s) merged)")
+
+
+@lora_group.command("extract")
+@click.argument("tuned", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The model TUNED was fine-tuned from.")
+@click.option("--rank", required=True, type=int, help="The adapter's rank.")
+@click.option("-o", "--output", required=True, help="The adapter (.npz, keyed by layer path).")
+@click.option("--model", default=None, help="For bare .weights.h5 inputs: their .keras or config.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def lora_extract_cmd(tuned, base, rank, output, model, as_json):
+    """Extract a LoRA adapter: truncated SVD of tuned - base.
+
+    Per 2-D kernel, A = U_r S_r and B = V_r^T (alpha = rank); tensors that differ but
+    cannot be factored (biases, BatchNorm, conv kernels) are stored whole. Load it with
+    surgeon.keras.load_lora(model, adapter) on a model built from the base.
+
+    \b
+    Examples:
+      surgeon lora extract --base base.keras tuned.keras --rank 8 -o adapter.npz
+    """
+    from surgeon.train.lora import extract_lora
+    meta = extract_lora(base, tuned, rank, output, model=model)
+    if as_json:
+        click.echo(json.dumps(meta, indent=1))
+        return
+    for x in meta["layers"]:
+        click.echo(f"  {x['layer']}/{x['weight']}: rank {x['rank']}, relative error {x['rel_error']:.3g}")
+    if meta["full"]:
+        click.echo(f"  stored whole: {', '.join(meta['full'])}")
+    click.echo(f"wrote {output} ({len(meta['layers'])} factored kernel(s))")
+
+
 def register(main):
     main.add_command(merge_cmd)
+    main.add_command(lora_group)

@@ -68,6 +68,26 @@ def _walk(model):
             yield from _walk(layer)
 
 
+def _stored_alphas(keras_file) -> dict:
+    """{layer name: lora_alpha} as the ``.keras`` config stores it. Keras' loader loses it:
+    ``build()`` calls ``enable_lora(rank)``, which resets alpha to the rank (Keras 3.15)."""
+    from surgeon.formats.keras_zip import read_zip_json
+    out = {}
+
+    def visit(obj):
+        if isinstance(obj, dict):
+            cfg = obj.get("config")
+            if isinstance(cfg, dict) and cfg.get("lora_rank") and cfg.get("name"):
+                out[cfg["name"]] = cfg.get("lora_alpha") or cfg["lora_rank"]
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                visit(v)
+    visit(read_zip_json(keras_file, "config.json"))
+    return out
+
+
 def _live(src, like):
     """The LoRA model with its state: from a ``.keras``, or a TF checkpoint + ``like``."""
     from surgeon.formats import detect
@@ -81,6 +101,9 @@ def _live(src, like):
         raise SurgeonError(f"{src}: a TF checkpoint holds no model config; pass --like "
                            "MODEL.keras (the LoRA model's .keras)")
     model = keras.saving.load_model(like)
+    alphas = _stored_alphas(like)
+    for layer in _lora_layers(model):
+        layer.lora_alpha = alphas.get(layer.name, layer.lora_alpha)
     if model.optimizer is not None:
         model.optimizer.build(model.trainable_variables)
     from surgeon.core.tf import import_tf
@@ -107,12 +130,14 @@ def merge_lora(src, output, like=None) -> LoraMergeReport:
     if not lora:
         raise SurgeonError(f"{src}: no layer has LoRA enabled; nothing to merge")
     report = LoraMergeReport(str(src), str(output))
+    alphas = _stored_alphas(like or src)
     folded = {}
     for layer in lora:
         attr = "embeddings" if hasattr(layer, "lora_embeddings_a") else "kernel"
         folded[getattr(layer, f"_{attr}").path] = np.asarray(getattr(layer, attr))
         report.layers.append({"layer": layer.name, "rank": int(layer.lora_rank),
-                              "alpha": float(layer.lora_alpha), "kernel": how})
+                              "alpha": float(alphas.get(layer.name, layer.lora_alpha)),
+                              "kernel": how})
     config = _strip_lora(keras.saving.serialize_keras_object(model))
     plain = keras.saving.deserialize_keras_object(config)
     values = {v.path: v for v in model.weights}
