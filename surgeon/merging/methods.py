@@ -215,8 +215,10 @@ def _trim_threshold(m, base, density):
     if k <= 0:
         return np.inf
     work = np.result_type(np.float32, base.dtype)
-    mag = np.abs(np.asarray(m, dtype=work) - np.asarray(base, dtype=work))
-    return np.partition(mag, size - k)[size - k]
+    mag = np.subtract(np.asarray(m, dtype=work), np.asarray(base, dtype=work))
+    np.abs(mag, out=mag)
+    mag.partition(size - k)  # in place: one temporary the size of the tensor
+    return mag[size - k]
 
 
 def _dots(a, b, base=None):
