@@ -195,26 +195,31 @@ def test_merged_model_does_both_tasks(zoo):
 # -- LoRA: merge (fold) and extract/load by layer path -----------------------------------------
 
 @pytest.fixture(scope="module")
-def lora(zoo):
-    """The digits base with LoRA on fc1 and head, trained on task A: .keras and TF checkpoint."""
+def lora(tmp_path_factory):
+    """A tiny MLP with LoRA on fc1 (rank 4) and head (rank 2, alpha 4), trained a few Adam
+    steps: .keras and TF checkpoint (independent of the digits models: cheap alone)."""
     import keras
     import tensorflow as tf
-    model = keras.saving.load_model(zoo["base"])
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 8)).astype("float32"), rng.random((64, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,), name="x")
+    h = keras.layers.Dense(6, activation="relu", name="fc1")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h), name="lora_mlp")
     model.get_layer("fc1").enable_lora(4)
     model.get_layer("head").enable_lora(2, lora_alpha=4)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
-    xtr, ytr, xte, _ = merge_tasks.data()
-    model.fit(xtr[:256], ytr[:256], batch_size=64, epochs=1, verbose=0, shuffle=False)
-    d = zoo["dir"]
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    d = tmp_path_factory.mktemp("lora")
     model.save(d / "lora.keras")
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(d / "lora_ckpt" / "ckpt"))
-    return {"model": model, "keras": d / "lora.keras", "ckpt": d / "lora_ckpt", "x": xte[:64],
-            "iterations": int(model.optimizer.iterations.numpy())}
+    return {"model": model, "keras": d / "lora.keras", "ckpt": d / "lora_ckpt", "x": x,
+            "iterations": int(model.optimizer.iterations.numpy()), "dir": d}
 
 
 @pytest.mark.parametrize("src", ["keras", "ckpt"])
-def test_lora_merge_gives_a_plain_model_with_the_same_outputs(zoo, lora, src):
-    out = zoo["dir"] / f"plain_{src}.keras"
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(lora, src):
+    out = lora["dir"] / f"plain_{src}.keras"
     like = ["--like", lora["keras"]] if src == "ckpt" else []
     res = run_cli("lora", "merge", lora[src], *like, "-o", out, "--json")
     assert res.exit_code == 0, res.output
@@ -230,12 +235,15 @@ def test_lora_merge_gives_a_plain_model_with_the_same_outputs(zoo, lora, src):
     assert "healthy, no findings" in run_cli("audit", out).output
 
 
-def test_lora_merge_refusals(zoo, lora):
-    res = run_cli("lora", "merge", zoo["base"], "-o", zoo["dir"] / "p.keras")
+def test_lora_merge_refusals(lora):
+    plain = lora["dir"] / "plain_keras.keras"
+    if not plain.exists():
+        run_cli("lora", "merge", lora["keras"], "-o", plain)
+    res = run_cli("lora", "merge", plain, "-o", lora["dir"] / "p.keras")
     assert res.exit_code == 2 and "no layer has LoRA enabled" in res.output
-    res = run_cli("lora", "merge", lora["ckpt"], "-o", zoo["dir"] / "p.keras")
+    res = run_cli("lora", "merge", lora["ckpt"], "-o", lora["dir"] / "p.keras")
     assert res.exit_code == 2 and "pass --like" in res.output
-    assert not (zoo["dir"] / "p.keras").exists()
+    assert not (lora["dir"] / "p.keras").exists()
 
 
 def test_lora_extract_and_load_by_layer_path(zoo):

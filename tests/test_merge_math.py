@@ -1,9 +1,10 @@
 """The merge arithmetic (surgeon.merging) on hand-computed cases: TIES, model stock, SLERP,
-DARE's seeding and rescaling. Pure numpy, no TensorFlow; the file-level identities on real
-trained models are in test_merge.py."""
+DARE's seeding and rescaling; and ``surgeon merge`` on the committed Keras-saved fixtures.
+No TensorFlow; the identities on trained fine-tunes of one base are in test_merge.py."""
 import numpy as np
 import pytest
 
+from conftest import fixture, run_cli
 from surgeon.core.errors import SurgeonError
 from surgeon.merging import methods as mm
 
@@ -94,3 +95,26 @@ def test_parameter_refusals(method, params, n, msg):
     with pytest.raises(SurgeonError, match=".*" + msg.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
         mm.check_params(method, params, n)
+
+
+def test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused(tmp_path):
+    """Keras-saved cnn_adam merged with itself is itself; with the 5-class head of
+    cnn5_fresh it is refused at plan time (one line, exit 2, nothing written); no TF."""
+    import sys
+    from surgeon.formats import open_checkpoint
+    a, five = fixture("cnn_adam.keras"), fixture("recipe/cnn5_fresh.keras")
+    tf_before = "tensorflow" in sys.modules
+    out = tmp_path / "same.keras"
+    res = run_cli("merge", a, a, "--weight", "0.3,0.7", "-o", out)
+    assert res.exit_code == 0, res.output
+    with open_checkpoint(a) as x, open_checkpoint(out) as y:
+        for e in x.entries():
+            if e.role in ("param", "state"):
+                assert np.array_equal(x.read(e.name), y.read(e.name)), e.name
+    bad = tmp_path / "bad.keras"
+    res = run_cli("merge", a, five, "-o", bad)
+    assert res.exit_code == 2 and not bad.exists()
+    assert res.output == (f"surgeon: error: surgeon merge: op 'merge': head/kernel has shape (6, 5) "
+                          f"in {five} but (6, 3) in {a}; models of different shapes cannot be "
+                          "merged\n")
+    assert tf_before or "tensorflow" not in sys.modules  # merging .keras files needs no TF

@@ -156,7 +156,7 @@ BUGS = [
         ("tests/test_merge_math.py::test_dare_seeded_rescaled_and_p0_is_task_arithmetic",),
         "DARE draws the same drop mask for every tensor of the same shape"),
     Bug("merge-shape-unchecked", "op_merge", "if tuple(x.shape) != tuple(e.shape):", "if False:",
-        ("tests/test_merge.py::test_refusals_write_nothing",),
+        ("tests/test_merge_math.py::test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused",),
         "merge no longer checks every input's shapes at plan time"),
     Bug("lora-alpha-from-rank", "lora", "layer.lora_alpha = alphas.get(layer.name, layer.lora_alpha)",
         "layer.lora_alpha = layer.lora_alpha",
