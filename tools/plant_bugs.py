@@ -51,6 +51,9 @@ FILES = {
     "plan": "surgeon/recipe/plan.py",
     "convert": "surgeon/convert/__init__.py",
     "convert_skeleton": "surgeon/convert/skeleton.py",
+    "merge_methods": "surgeon/merging/methods.py",
+    "op_merge": "surgeon/ops/merge.py",
+    "lora": "surgeon/train/lora.py",
 }
 
 
@@ -146,6 +149,19 @@ BUGS = [
     Bug("lambda-not-refused", "convert_skeleton", "name = find_lambda(config)", "name = None",
         ("tests/test_oracles.py::test_lambda_payload_never_runs[convert]",),
         "a Lambda layer's stored bytecode is no longer refused by convert"),
+    Bug("ties-no-sign-election", "merge_methods", "agree = (np.sign(t) == sign) & (t != 0)",
+        "agree = t != 0", ("tests/test_merge_math.py::test_ties_by_hand",),
+        "TIES averages every non-zero task vector instead of those agreeing with the elected sign"),
+    Bug("dare-seed-ignores-tensor", "merge_methods", "zlib.crc32(key.encode())", "0",
+        ("tests/test_merge_math.py::test_dare_seeded_rescaled_and_p0_is_task_arithmetic",),
+        "DARE draws the same drop mask for every tensor of the same shape"),
+    Bug("merge-shape-unchecked", "op_merge", "if tuple(x.shape) != tuple(e.shape):", "if False:",
+        ("tests/test_merge_math.py::test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused",),
+        "merge no longer checks every input's shapes at plan time"),
+    Bug("lora-alpha-from-rank", "lora", "layer.lora_alpha = alphas.get(layer.name, layer.lora_alpha)",
+        "layer.lora_alpha = layer.lora_alpha",
+        ("tests/test_merge.py::test_lora_merge_gives_a_plain_model_with_the_same_outputs",),
+        "lora merge of a TF checkpoint folds with alpha = rank (Keras' loader), not the stored alpha"),
 ]
 
 

@@ -31,12 +31,14 @@ class Plan:
     warnings: list = field(default_factory=list)
     recipe: str = ""
     structural: list = field(default_factory=list)  # whole-model rewrites run before the steps
+    notes: list = field(default_factory=list)  # what ops say about the whole run (merge: inputs, rules)
 
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "input": self.input, "output": self.output,
                 "format": self.format, "structural": [s["plan"] | {"where": s["where"]} for s in self.structural],
                 "steps": [s.to_json() for s in self.steps],
-                "iteration": self.iteration, "reports": self.reports, "warnings": self.warnings}
+                "iteration": self.iteration, "reports": self.reports, "warnings": self.warnings,
+                "notes": self.notes}
 
 
 class PlanContext:
@@ -51,6 +53,7 @@ class PlanContext:
         self.sources = {}
         self.reports = []
         self.op_index = 0
+        self.notes = []
         self._masks = None
         from surgeon.formats import REGISTRY
         mod, _, writer = REGISTRY.get(reader.format, (None, None, None))
@@ -143,7 +146,7 @@ def make_plan(recipe, ctx: PlanContext, output=None) -> Plan:
     if iteration and iteration.get("target") in written:
         raise RecipeError(f"{recipe.where}: iteration policy and an op both write optimizer/iteration")
     plan = Plan(str(ctx.reader.path), str(output) if output else recipe.output, ctx.reader.format,
-                steps, iteration, ctx.reports, recipe=recipe.path)
+                steps, iteration, ctx.reports, recipe=recipe.path, notes=ctx.notes)
     plan.warnings.extend(_bias_warnings(plan, ctx, recipe.where))
     return plan
 
