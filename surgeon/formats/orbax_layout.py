@@ -1,0 +1,163 @@
+"""Orbax checkpoint directories on disk: where the step, the PyTree item and its arrays are.
+
+Layouts handled (checked against orbax-checkpoint 0.12 and Keras 3.15 ``OrbaxCheckpoint``):
+
+* a **root** holding numbered step directories (``CheckpointManager``, Keras'
+  ``OrbaxCheckpoint``); the latest committed step unless ``step`` is given;
+* a **step directory** with ``_CHECKPOINT_METADATA`` and one subdirectory per item:
+  ``pytree`` (+ ``model_config``, ``assets``) for Keras, ``default`` or any named item for
+  ``CheckpointManager``;
+* an **item directory** with ``_METADATA`` (``StandardCheckpointer``/``PyTreeCheckpointer``);
+* arrays in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_N/`` per
+  writing process) or one zarr/zarr3 directory per array (``use_ocdbt=False``).
+
+Only the standard library here; TensorStore is imported by ``orbax`` (the array I/O).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon.core.errors import FormatError, SurgeonError
+
+INSTALL = "pip install 'surgeon[orbax]'"
+STEP_META = "_CHECKPOINT_METADATA"
+ITEM_META = "_METADATA"
+KERAS_ITEM = "pytree"
+
+
+def require_tensorstore():
+    """The ``tensorstore`` module, or one line saying which extra to install."""
+    try:
+        import tensorstore
+    except ImportError:
+        raise SurgeonError(f"reading or writing Orbax checkpoints needs TensorStore: {INSTALL}") from None
+    return tensorstore
+
+
+def _steps(root: Path) -> list:
+    try:
+        names = os.listdir(root)
+    except OSError as exc:
+        raise FormatError(f"{root}: cannot list: {exc.strerror}") from None
+    return sorted(int(n) for n in names if n.isdigit() and (root / n).is_dir())
+
+
+def is_orbax(path: Path) -> bool:
+    """Whether directory ``path`` looks like an Orbax root, step or item directory."""
+    if (path / STEP_META).exists() or (path / ITEM_META).exists():
+        return True
+    return any((path / str(s) / STEP_META).exists() or (path / str(s) / KERAS_ITEM).is_dir()
+               for s in _steps(path))
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a checkpoint's PyTree lives."""
+
+    root: Path | None  # the directory of numbered steps, when the input was one
+    step_dir: Path | None  # the step directory (None for a bare item directory)
+    item: Path  # the PyTree item directory (holds _METADATA)
+    step: int | None
+
+
+def locate(path, step=None) -> Located:
+    """Resolve ``path`` (root, step or item directory) to its PyTree item."""
+    path = Path(path)
+    if not (path / STEP_META).exists() and not (path / ITEM_META).exists():
+        steps = _steps(path)
+        if not steps:
+            raise FormatError(f"{path}: not an Orbax checkpoint (no {STEP_META}, no {ITEM_META}, "
+                              "no numbered step directories)")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FormatError(f"{path}: no step {step}; steps: {', '.join(map(str, steps))}")
+        found = locate(path / str(step))
+        return Located(path, found.step_dir, found.item, step)
+    if step is not None:
+        raise SurgeonError(f"{path}: --step is for a root of numbered steps; this is one checkpoint")
+    if (path / ITEM_META).exists() and not (path / STEP_META).exists():
+        return Located(None, None, path, None)
+    return Located(None, path, _item_of(path), int(path.name) if path.name.isdigit() else None)
+
+
+def _item_of(step_dir: Path) -> Path:
+    """The PyTree item of a step directory: ``pytree`` (Keras), else the one item holding
+    arrays, else the step directory itself (a ``StandardCheckpointer`` save)."""
+    if (step_dir / KERAS_ITEM / ITEM_META).exists():
+        return step_dir / KERAS_ITEM
+    if (step_dir / KERAS_ITEM).is_dir():
+        raise FormatError(f"{step_dir / KERAS_ITEM}: PyTree item without its {ITEM_META} "
+                          "(incomplete or damaged checkpoint)")
+    items = [step_dir / n for n in sorted(os.listdir(step_dir))
+             if (step_dir / n / ITEM_META).exists() and not n.startswith(".")]
+    arrays = [i for i in items if _has_arrays(i)]
+    if (step_dir / ITEM_META).exists():
+        return step_dir
+    if len(arrays) == 1:
+        return arrays[0]
+    if not arrays:
+        raise FormatError(f"{step_dir}: Orbax step directory without PyTree metadata "
+                          f"({ITEM_META}); incomplete or damaged checkpoint")
+    names = ", ".join(i.name for i in arrays)
+    raise FormatError(f"{step_dir}: several PyTree items ({names}); give the item directory")
+
+
+def _has_arrays(item: Path) -> bool:
+    return (item / "manifest.ocdbt").exists() or any(
+        p.is_dir() and p.name != "d" and not p.name.startswith("ocdbt.process_") for p in item.iterdir())
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing {what}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: damaged {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: damaged {what}: not a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One leaf of the saved PyTree."""
+
+    keys: tuple  # the tree path, e.g. ('trainable_variables', 'seq', 'd1', 'kernel')
+    value_type: str  # 'np.ndarray', 'jax.Array', 'scalar', 'string', ...
+
+    @property
+    def key(self) -> str:
+        """The TensorStore path Orbax stores the array under (keys joined by dots)."""
+        return ".".join(str(k) for k in self.keys)
+
+
+def tree_metadata(item: Path):
+    """(leaves, flags) from an item's ``_METADATA``: flags hold use_ocdbt, use_zarr3."""
+    meta = read_json(item / ITEM_META, "Orbax PyTree metadata (_METADATA)")
+    tree = meta.get("tree_metadata")
+    if not isinstance(tree, dict):
+        raise FormatError(f"{item / ITEM_META}: damaged Orbax PyTree metadata (no tree_metadata)")
+    leaves = []
+    for raw, leaf in tree.items():
+        try:
+            keys = tuple(k["key"] for k in leaf["key_metadata"])
+            vtype = leaf["value_metadata"]["value_type"]
+        except (KeyError, TypeError):
+            raise FormatError(f"{item / ITEM_META}: damaged entry {raw!r}") from None
+        leaves.append(Leaf(keys, vtype))
+    return leaves, meta
+
+
+def check_ocdbt(item: Path) -> None:
+    """A damaged OCDBT database fails here with one line, before TensorStore retries."""
+    manifest = item / "manifest.ocdbt"
+    if not manifest.exists():
+        raise FormatError(f"{item}: OCDBT checkpoint without manifest.ocdbt (incomplete or damaged)")
+    if manifest.stat().st_size < 32:
+        raise FormatError(f"{manifest}: truncated OCDBT manifest ({manifest.stat().st_size} bytes)")
