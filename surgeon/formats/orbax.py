@@ -171,3 +171,5 @@ def open_orbax(path, model=None, step=None):
         raise SurgeonError("--model is only for bare weights files; an Orbax checkpoint "
                            "written by Keras has its own model config")
     return OrbaxReader(path, step)
+
+from .orbax_writer import OrbaxWriter  # noqa: E402,F401  (the registry names it here)
