@@ -62,9 +62,9 @@ class OrbaxReader:
         self.where = lay.locate(self.path, step)
         self.leaves, self.item_meta = lay.tree_metadata(self.where.item)
         self.leaves = [leaf for leaf in self.leaves if leaf.value_type != "string"]
-        if self.item_meta.get("use_ocdbt", True):
-            lay.check_ocdbt(self.where.item)
         self.store = Store(self.where.item, self.item_meta)
+        if self.store.ocdbt:
+            lay.check_ocdbt(self.where.item, self.store.ts)
         self.config = self._model_config()
         self.keras = names.is_keras_tree(self.leaves)
         self._arrays, meta = {}, {}

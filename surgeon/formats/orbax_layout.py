@@ -47,10 +47,16 @@ def _steps(root: Path) -> list:
 
 def is_orbax(path: Path) -> bool:
     """Whether directory ``path`` looks like an Orbax root, step or item directory."""
-    if (path / STEP_META).exists() or (path / ITEM_META).exists():
+    if (path / STEP_META).exists() or (path / ITEM_META).exists() or _looks_like_step(path):
         return True
     return any((path / str(s) / STEP_META).exists() or (path / str(s) / KERAS_ITEM).is_dir()
                for s in _steps(path))
+
+
+def _looks_like_step(path: Path) -> bool:
+    """A step directory's items without the step's own metadata."""
+    return (path / KERAS_ITEM).is_dir() or any(
+        (c / ITEM_META).exists() for c in path.iterdir() if c.is_dir())
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ def locate(path, step=None) -> Located:
     path = Path(path)
     if not (path / STEP_META).exists() and not (path / ITEM_META).exists():
         steps = _steps(path)
+        if not steps and _looks_like_step(path):
+            raise FormatError(f"{path}: Orbax step directory without its {STEP_META} "
+                              "(incomplete or damaged checkpoint)")
         if not steps:
             raise FormatError(f"{path}: not an Orbax checkpoint (no {STEP_META}, no {ITEM_META}, "
                               "no numbered step directories)")
@@ -154,10 +163,44 @@ def tree_metadata(item: Path):
     return leaves, meta
 
 
-def check_ocdbt(item: Path) -> None:
-    """A damaged OCDBT database fails here with one line, before TensorStore retries."""
+def check_ocdbt(item: Path, ts) -> None:
+    """A damaged OCDBT database fails here, at open, with one line: a missing or truncated
+    manifest, or a data file it references (``ocdbt.process_N/d/...``) that is absent."""
     manifest = item / "manifest.ocdbt"
     if not manifest.exists():
         raise FormatError(f"{item}: OCDBT checkpoint without manifest.ocdbt (incomplete or damaged)")
-    if manifest.stat().st_size < 32:
-        raise FormatError(f"{manifest}: truncated OCDBT manifest ({manifest.stat().st_size} bytes)")
+    try:
+        kv = ts.KvStore.open({"driver": "file", "path": f"{item.resolve()}/"}).result()
+        dump = ts.ocdbt.dump(kv).result()
+        files = set()
+        for version in dump.get("versions", []):
+            _referenced(ts, kv, version["root"].get("location", ""), files)
+    except Exception as exc:  # TensorStore: ValueError with a status text
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise FormatError(f"{manifest}: damaged OCDBT manifest: {lines[0][:300]}") from None
+    for rel in sorted(files):
+        if not (item / rel).is_file():
+            proc = rel.split("/", 1)[0] if rel.startswith("ocdbt.process_") else None
+            what = f"{proc}/ is missing" if proc and not (item / proc).is_dir() else f"{rel} is missing"
+            raise FormatError(f"{item}: incomplete OCDBT checkpoint: {what} (a writing "
+                              "process' data; copy the whole checkpoint directory)")
+
+
+def _location_file(loc: str):
+    """The data file of an OCDBT location ``btreenode::d/x:0:9`` / ``value:ocdbt.process_0/:d/x:0:9``."""
+    body = loc.split(":", 1)[1].lstrip(":") if ":" in loc else loc
+    parts = body.rsplit(":", 2)[0].split(":")
+    return "".join(parts)
+
+
+def _referenced(ts, kv, location, files, depth=0):
+    if not location or depth > 64:
+        return
+    files.add(_location_file(location))
+    node = ts.ocdbt.dump(kv, location).result()
+    for e in node.get("entries", []):
+        if "indirect_value" in e:
+            files.add(_location_file(e["indirect_value"]))
+        for key in ("location", "node"):
+            if isinstance(e.get(key), str) and e[key].startswith("btreenode"):
+                _referenced(ts, kv, e[key], files, depth + 1)
