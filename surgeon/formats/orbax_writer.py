@@ -56,7 +56,7 @@ class OrbaxWriter:
         atomic.check_output(self.target, [like.path])
         self.ts = lay.require_tensorstore()
         self._tmp = atomic.temp_dir(self.target)
-        self._done, self._written = False, set()
+        self._done, self._written, self._item = False, set(), None
         try:
             self._item = self._layout(step)
             self._kv = self._open_kv() if like.store.ocdbt else None
@@ -64,12 +64,25 @@ class OrbaxWriter:
             self.abort()
             raise
 
+    def set_step(self, step: int) -> None:
+        """Name the output's step directory ``step`` (when the input was a root of steps)."""
+        if self.like.where.root is None or self._item is None:
+            return
+        old = self._tmp / str(self._step)
+        new = self._tmp / str(step)
+        if new != old:
+            old.rename(new)
+            self._item = new / self._item.relative_to(old)
+            self._kv = self._open_kv() if self.like.store.ocdbt else None
+            self._step = step
+
     def _layout(self, step) -> Path:
         w, keys = self.like.where, {leaf.key for leaf in self.like.leaves}
         if w.step_dir is None:  # a bare item directory
             copy_except_item(w.item, self._tmp, w.item, keys)
             return self._tmp
-        out_step = self._tmp / str(step if step is not None else w.step) if w.root else self._tmp
+        self._step = step if step is not None else w.step
+        out_step = self._tmp / str(self._step) if w.root else self._tmp
         copy_except_item(w.step_dir, out_step, w.item, keys)
         item = out_step / w.item.relative_to(w.step_dir)
         if item != out_step:
