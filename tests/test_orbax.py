@@ -237,3 +237,62 @@ def test_existing_output_refused_and_nothing_written(trained, tmp_path):
     r = run_cli("apply", recipe(tmp_path, body), "--no-progress")
     assert r.exit_code == 2 and "exists" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml", "taken"]
+
+
+# -- plain PyTree checkpoints (JAX/Flax users write them with orbax directly) -----------------
+def _plain_tree():
+    import ml_dtypes
+    return {"params": {"dense": {"kernel": np.arange(600, dtype=np.float32).reshape(20, 30),
+                                 "bias": np.linspace(-1, 1, 30).astype(np.float32)}},
+            "opt_state": {"mu": np.full((20, 30), 0.25, np.float32)},
+            "step": np.array(5, np.int32), "half": np.ones(4, ml_dtypes.bfloat16)}
+
+
+def _save_plain(kind, path, tree):
+    import orbax.checkpoint as ocp
+    if kind == "standard":
+        with ocp.StandardCheckpointer() as c:
+            c.save(path, tree)
+    elif kind == "zarr":  # one zarr (v2) directory per array, no OCDBT
+        c = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False))
+        c.save(path, args=ocp.args.PyTreeSave(tree))
+        c.close()
+    else:
+        with ocp.CheckpointManager(path) as m:
+            for step in (3, 7):
+                m.save(step, args=ocp.args.StandardSave(tree))
+            m.wait_until_finished()
+
+
+def _restore_plain(kind, path):
+    import orbax.checkpoint as ocp
+    if kind == "standard":
+        with ocp.StandardCheckpointer() as c:
+            return c.restore(path)
+    if kind == "zarr":
+        return ocp.PyTreeCheckpointer().restore(path)
+    with ocp.CheckpointManager(path) as m:
+        assert m.all_steps() == [7]
+        return m.restore(7)
+
+
+@pytest.mark.parametrize("kind", ["standard", "zarr", "manager"])
+def test_plain_pytree_edit_and_cast_orbax_restores(tmp_path, kind):
+    tree = _plain_tree()
+    _save_plain(kind, tmp_path / "in", tree)
+    from surgeon.formats import open_checkpoint
+    with open_checkpoint(tmp_path / "in") as r:
+        assert {e.name for e in r.entries()} == {"params/dense/kernel", "params/dense/bias",
+                                                  "opt_state/mu", "step", "half"}
+        assert np.array_equal(r.read("params/dense/kernel"), tree["params"]["dense"]["kernel"])
+    body = (f'input = "{tmp_path / "in"}"\noutput = "{tmp_path / "out"}"\n'
+            '[[ops]]\nop = "rescale"\nselect = "params/dense/kernel"\nfactor = 2.0\n'
+            '[[ops]]\nop = "cast"\nselect = "opt_state/mu"\ndtype = "float16"\n')
+    r = run_cli("apply", recipe(tmp_path, body), "--no-progress")
+    assert r.exit_code == 0, r.output
+    got = _restore_plain(kind, tmp_path / "out")
+    assert np.array_equal(got["params"]["dense"]["kernel"], tree["params"]["dense"]["kernel"] * 2)
+    assert got["opt_state"]["mu"].dtype == np.float16 and np.all(got["opt_state"]["mu"] == 0.25)
+    for key in ("step", "half"):
+        assert got[key].dtype == tree[key].dtype and np.array_equal(got[key], tree[key])
+    assert np.array_equal(got["params"]["dense"]["bias"], tree["params"]["dense"]["bias"])
