@@ -157,9 +157,11 @@ def tree_metadata(item: Path):
         try:
             keys = tuple(k["key"] for k in leaf["key_metadata"])
             vtype = leaf["value_metadata"]["value_type"]
+            empty = leaf["value_metadata"].get("skip_deserialize", False)
         except (KeyError, TypeError):
             raise FormatError(f"{item / ITEM_META}: damaged entry {raw!r}") from None
-        leaves.append(Leaf(keys, vtype))
+        if not empty:  # an empty container ({} non_trainable_variables) stores nothing
+            leaves.append(Leaf(keys, vtype))
     return leaves, meta
 
 
