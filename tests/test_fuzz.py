@@ -301,7 +301,7 @@ def test_fuzz_tf_bundles(tmp_path):
 
 
 # -- Orbax checkpoints: TensorStore in one worker process --------------------------------------
-ORBAX_CASES = 100 * SCALE
+ORBAX_CASES = 60 * SCALE
 ORBAX_WORKER = r"""
 import os, random, shutil, sys, traceback
 import numpy as np

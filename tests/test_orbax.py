@@ -315,29 +315,34 @@ def test_plain_pytree_edit_and_cast_orbax_restores(tmp_path, kind):
 
 
 # -- two processes (jax.distributed on 127.0.0.1) ---------------------------------------------
-def _two_processes(mode, path):
+def test_two_process_checkpoint_read_edited_restored_by_both(tmp_path):
+    """Two processes save their shards (ocdbt.process_0/1); surgeon edits the checkpoint
+    while they wait; both restore the output onto their devices and check their shards."""
     import socket
     from pathlib import Path
+    src, out, go = tmp_path / "ck", tmp_path / "out", tmp_path / "go"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("orbax_two_process.py")
-    procs = [subprocess.Popen([sys.executable, worker, mode, str(port), str(i), str(path)],
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), src, out, go],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
              for i in range(2)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"{'saved' if mode == 'save' else 'restored'} {i}" in out, out[-2000:]
-
-
-def test_two_process_checkpoint_read_edited_restored_by_both(tmp_path):
-    src, out = tmp_path / "ck", tmp_path / "out"
-    _two_processes("save", src)
-    assert (src / "ocdbt.process_0").is_dir() and (src / "ocdbt.process_1").is_dir()
-    body = f'input = "{src}"\noutput = "{out}"\n[[ops]]\nop = "rescale"\nselect = "w"\nfactor = 2.0\n'
-    r = run_cli("apply", recipe(tmp_path, body), "--no-progress")
-    assert r.exit_code == 0, r.output
-    _two_processes("restore", out)  # each process checks its own shards (w doubled)
+    try:
+        for i, p in enumerate(procs):
+            lines = []
+            while not lines or lines[-1] != f"saved {i}\n":
+                lines.append(p.stdout.readline())
+                assert lines[-1] or p.poll() is None, "".join(lines)[-2000:]
+        assert (src / "ocdbt.process_0").is_dir() and (src / "ocdbt.process_1").is_dir()
+        body = f'input = "{src}"\noutput = "{out}"\n[[ops]]\nop = "rescale"\nselect = "w"\nfactor = 2.0\n'
+        r = run_cli("apply", recipe(tmp_path, body), "--no-progress")
+        assert r.exit_code == 0, r.output
+    finally:
+        go.touch()
+    for i, p in enumerate(procs):
+        rest = p.communicate(timeout=240)[0]
+        assert p.returncode == 0 and f"restored {i}" in rest, rest[-2000:]
     shutil.rmtree(src / "ocdbt.process_1")
     r = run_cli("ls", src)
     assert r.exit_code == 2 and "ocdbt.process_1/ is missing" in r.output, r.output
