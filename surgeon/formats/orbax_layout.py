@@ -26,6 +26,7 @@ INSTALL = "pip install 'surgeon[orbax]'"
 STEP_META = "_CHECKPOINT_METADATA"
 ITEM_META = "_METADATA"
 KERAS_ITEM = "pytree"
+PROVENANCE = "surgeon_provenance.json"  # surgery log in a step (or item) directory
 
 
 def require_tensorstore():

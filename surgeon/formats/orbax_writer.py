@@ -76,6 +76,13 @@ class OrbaxWriter:
             self._kv = self._open_kv() if self.like.store.ocdbt else None
             self._step = step
 
+    def set_provenance(self, data: bytes) -> None:
+        """The surgery log, a file in the output's step (or item) directory."""
+        w = self.like.where
+        folder = self._item if w.step_dir is None else (
+            self._tmp / str(self._step) if w.root else self._tmp)
+        (folder / lay.PROVENANCE).write_bytes(data)
+
     def _layout(self, step) -> Path:
         w, keys = self.like.where, {leaf.key for leaf in self.like.leaves}
         if w.step_dir is None:  # a bare item directory
