@@ -11,23 +11,17 @@ renamed into place at the end.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from surgeon.core.errors import FormatError, SurgeonError, WriteError
-from surgeon.core import atomic
+from surgeon.core.errors import FormatError, SurgeonError
 from . import orbax_layout as lay
 from . import orbax_names as names
+from .orbax_writer import OrbaxWriter, one_line  # noqa: F401  (the registry names the writer here)
 
 # Keras stores float optimizer/metric variables (float32) as Python floats: float64 on disk.
 _KERAS_SCALAR = {"float64": "float32"}
-
-
-def _one_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 class Store:
@@ -101,7 +95,7 @@ class OrbaxReader:
                 arr = self.store.open(key)
             except Exception as exc:  # TensorStore raises ValueError/OSError with a status text
                 raise FormatError(f"{self.label}: cannot open array {key!r} "
-                                  f"(damaged or incomplete checkpoint): {_one_line(exc)}") from None
+                                  f"(damaged or incomplete checkpoint): {one_line(exc)}") from None
             self._arrays[key] = arr
         return arr
 
@@ -133,8 +127,9 @@ class OrbaxReader:
         try:
             out = self._array(e.key).read().result()
         except Exception as exc:
-            raise FormatError(f"{self.label}: cannot read {name}: {_one_line(exc)}") from None
-        return np.asarray(out).astype(e.dtype, copy=False) if str(out.dtype) != e.dtype else np.asarray(out)
+            raise FormatError(f"{self.label}: cannot read {name}: {one_line(exc)}") from None
+        out = np.asarray(out)
+        return out.astype(e.dtype) if str(out.dtype) != e.dtype else out
 
     def read_chunks(self, name, max_bytes=8 << 20):
         """``name``'s values as slices along axis 0 of at most ~``max_bytes`` each."""
@@ -149,7 +144,7 @@ class OrbaxReader:
             try:
                 yield np.asarray(arr[i:i + step].read().result())
             except Exception as exc:
-                raise FormatError(f"{self.label}: cannot read {name}: {_one_line(exc)}") from None
+                raise FormatError(f"{self.label}: cannot read {name}: {one_line(exc)}") from None
 
     def metadata(self) -> dict:
         return {"format": self.format, "path": str(self.path), "step": self.where.step,
@@ -171,5 +166,3 @@ def open_orbax(path, model=None, step=None):
         raise SurgeonError("--model is only for bare weights files; an Orbax checkpoint "
                            "written by Keras has its own model config")
     return OrbaxReader(path, step)
-
-from .orbax_writer import OrbaxWriter  # noqa: E402,F401  (the registry names it here)

@@ -21,7 +21,7 @@ from . import orbax_layout as lay
 ARRAY_PARTS = ("manifest.ocdbt", "d")
 
 
-def _one_line(exc) -> str:
+def one_line(exc) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
@@ -115,7 +115,7 @@ class OrbaxWriter:
             out = self.ts.open(spec, create=True, open=False).result()
             out.write(array).result()
         except Exception as exc:
-            raise WriteError(f"cannot write {name} to {self.target}: {_one_line(exc)}") from None
+            raise WriteError(f"cannot write {name} to {self.target}: {one_line(exc)}") from None
         self._written.add(e.key)
 
     def _kvspec(self, key) -> dict:
@@ -142,7 +142,7 @@ class OrbaxWriter:
             else:
                 shutil.copytree(self.like.where.item / key, self._item / key, symlinks=True)
         except Exception as exc:
-            raise WriteError(f"cannot copy {key} to {self.target}: {_one_line(exc)}") from None
+            raise WriteError(f"cannot copy {key} to {self.target}: {one_line(exc)}") from None
         self._written.add(key)
 
     _src_kv = None
