@@ -108,6 +108,8 @@ def test_diff_keras_file_and_orbax_step_equal(trained):
     assert r.output.startswith("equal: 22 tensors compared")
     r = run_cli("diff", trained / "ck" / "6", trained / "ck" / "8")
     assert "different" in r.output and "metrics_variables" in r.output
+    r = run_cli("audit", trained / "ck")
+    assert r.exit_code == 0 and "healthy, no findings (26 tensors checked)" in r.output, r.output
 
 
 def test_listing_imports_neither_tensorflow_nor_jax(trained):
