@@ -27,6 +27,7 @@ quick_args() {  # small sizes for a smoke run
         convert) echo "--size-mb 64" ;;
         resume) echo "--steps 100 --reps 2" ;;
         merge) echo "--size-mb 128" ;;
+        orbax) echo "--size-mb 128" ;;
         *) echo "" ;;
     esac
 }

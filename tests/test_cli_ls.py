@@ -64,7 +64,8 @@ def test_error_unknown_format(tmp_path):
     assert p.stderr == (f"surgeon: error: {f}: unknown checkpoint format; supported: .keras (Keras 3 "
                         "model), .weights.h5 (Keras 3 weights), .weights.json (Keras 3 sharded weights), "
                         ".h5/.hdf5 (legacy Keras 2/tf.keras), TF checkpoints (prefix, directory or "
-                        ".index), SavedModel directories\n")
+                        ".index), SavedModel directories, Orbax checkpoint directories (root, step "
+                        "or item)\n")
     assert p.stdout == ""
 
 

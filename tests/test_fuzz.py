@@ -298,3 +298,77 @@ def test_fuzz_tf_bundles(tmp_path):
     tail = r.stdout.strip().splitlines()[-30:]
     assert r.returncode == 0 and tail and tail[-1].startswith("DONE"), \
         f"seed {seed}, exit {r.returncode}:\n" + "\n".join(tail) + "\n" + r.stderr[-1500:]
+
+
+# -- Orbax checkpoints: TensorStore in one worker process --------------------------------------
+ORBAX_CASES = 60 * SCALE
+ORBAX_WORKER = r"""
+import os, random, shutil, sys, traceback
+import numpy as np
+work, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import orbax.checkpoint as ocp
+r = np.random.default_rng(0)
+tree = {"params": {"dense": {"kernel": r.standard_normal((24, 40), np.float32),
+                             "bias": r.standard_normal(40).astype(np.float32)}},
+        "opt": {"mu": r.standard_normal((24, 40), np.float32)}, "step": np.array(7, np.int64)}
+srcs = [os.path.join(work, "ocdbt"), os.path.join(work, "zarr")]
+with ocp.StandardCheckpointer() as c:
+    c.save(srcs[0], tree)
+c = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
+c.save(srcs[1], args=ocp.args.PyTreeSave(tree))
+c.close()
+import surgeon
+rng = random.Random(seed)
+counts = {"ok": 0, "surgeon": 0}
+for i in range(n):
+    src = rng.choice(srcs)
+    case = os.path.join(work, f"c{i}")
+    shutil.copytree(src, case)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(case) for f in fs)
+    victim = rng.choice(files)
+    data = bytearray(open(victim, "rb").read())
+    kind = rng.choice(["flip", "truncate", "zero", "ones", "delete"])
+    if kind == "delete":
+        os.unlink(victim)
+    else:
+        if kind == "truncate":
+            del data[rng.randrange(len(data) + 1):]
+        elif data:
+            for _ in range(rng.randint(1, 8)):
+                p = rng.randrange(len(data))
+                data[p] = {"flip": rng.randrange(256), "zero": 0, "ones": 255}[kind]
+        open(victim, "wb").write(bytes(data))
+    desc = f"case {i}: {os.path.basename(src)} {os.path.relpath(victim, case)} {kind}"
+    print(desc, flush=True)
+    try:
+        with surgeon.open_checkpoint(case) as ck:
+            for e in ck.entries():
+                a = ck.read(e.name)
+                assert tuple(a.shape) == tuple(e.shape), (e.name, a.shape, e.shape)
+                assert str(a.dtype) == e.dtype, (e.name, a.dtype, e.dtype)
+        counts["ok"] += 1
+    except surgeon.SurgeonError as exc:
+        msg = str(exc)
+        if not msg.strip() or chr(10) in msg:
+            print(f"FAIL {desc}: not one line: {msg!r}", flush=True)
+            sys.exit(1)
+        counts["surgeon"] += 1
+    except BaseException:
+        print(f"FAIL {desc}: " + traceback.format_exc(), flush=True)
+        sys.exit(1)
+    shutil.rmtree(case)
+print("DONE", counts, flush=True)
+"""
+
+
+def test_fuzz_orbax(tmp_path):
+    """Mutated, truncated or deleted files of Orbax checkpoints (OCDBT and per-array zarr3)."""
+    pytest.importorskip("orbax.checkpoint")
+    import subprocess
+    import sys
+    seed = int(SEED or 0)
+    r = subprocess.run([sys.executable, "-c", ORBAX_WORKER, str(tmp_path), str(ORBAX_CASES),
+                        str(seed)], capture_output=True, text=True, timeout=120 + 5 * ORBAX_CASES)
+    tail = r.stdout.strip().splitlines()[-30:]
+    assert r.returncode == 0 and tail and tail[-1].startswith("DONE"), \
+        f"seed {seed}, exit {r.returncode}:\n" + "\n".join(tail) + "\n" + r.stderr[-1500:]

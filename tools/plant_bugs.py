@@ -54,6 +54,9 @@ FILES = {
     "merge_methods": "surgeon/merging/methods.py",
     "op_merge": "surgeon/ops/merge.py",
     "lora": "surgeon/train/lora.py",
+    "orbax": "surgeon/formats/orbax.py",
+    "orbax_layout": "surgeon/formats/orbax_layout.py",
+    "orbax_writer": "surgeon/formats/orbax_writer.py",
 }
 
 
@@ -162,6 +165,19 @@ BUGS = [
         "layer.lora_alpha = layer.lora_alpha",
         ("tests/test_merge.py::test_lora_merge_gives_a_plain_model_with_the_same_outputs",),
         "lora merge of a TF checkpoint folds with alpha = rank (Keras' loader), not the stored alpha"),
+    Bug("orbax-missing-process-data-accepted", "orbax_layout",
+        "        if not (item / rel).is_file():", "        if False:",
+        ("tests/test_orbax.py::test_damaged_checkpoint_one_line_exit_2",),
+        "an Orbax checkpoint whose ocdbt.process_N data is missing opens (fails later, mid-read)"),
+    Bug("orbax-keras-scalar-dtype-as-stored", "orbax", '_KERAS_SCALAR = {"float64": "float32"}',
+        "_KERAS_SCALAR = {}",
+        ("tests/test_orbax.py::test_diff_keras_file_and_orbax_step_equal",),
+        "Keras' float32 optimizer scalars listed as the float64 Python floats Orbax stores"),
+    Bug("orbax-scalars-not-copied", "orbax_writer",
+        "                if leaf.key not in self._written:",
+        '                if leaf.key not in self._written and leaf.value_type != "scalar":',
+        ("tests/test_orbax.py::test_identity_apply_keras_loads_bit_identical_and_keeps_training",),
+        "the Orbax writer drops untouched scalars (iteration, learning rate, metric counts)"),
 ]
 
 

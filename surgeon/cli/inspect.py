@@ -24,8 +24,10 @@ def _size(text):
 @click.option("--model", type=click.Path(), default=None,
               help="For a bare .weights.h5: the .keras file or config.json it belongs to "
                    "(gives the trainable order needed to bind optimizer slots).")
+@click.option("--step", type=int, default=None,
+              help="For an Orbax root of numbered steps: the step to list (default: the latest).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
-def ls_cmd(checkpoint, model, as_json):
+def ls_cmd(checkpoint, model, step, as_json):
     """List tensors, optimizer slots and totals.
 
     The tree of a checkpoint: layer -> weights (shape, dtype, values, bytes, role, the
@@ -36,11 +38,12 @@ def ls_cmd(checkpoint, model, as_json):
     Examples:
       surgeon ls fixtures/cnn_adam.keras
       surgeon ls fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
+      surgeon ls run/orbax_ckpt --step 40
     """
     from surgeon.formats import open_checkpoint
     from surgeon.inspect.render import ls_json, ls_text
 
-    with open_checkpoint(checkpoint, model=model) as ck:
+    with open_checkpoint(checkpoint, model=model, step=step) as ck:
         meta, entries = ck.metadata(), ck.entries()
     if as_json:
         click.echo(json.dumps(ls_json(meta, entries), indent=1))

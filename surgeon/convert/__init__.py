@@ -31,7 +31,7 @@ NO_CONFIG = ("{label}: holds no model config; pass --like MODEL.keras or --like 
 # Formats whose reader needs TensorFlow and never holds a model config of its own.
 TF_FORMATS_WITHOUT_CONFIG = ("tf-checkpoint", "saved-model")
 TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
-           ".hdf5": "legacy-h5"}
+           ".hdf5": "legacy-h5", ".orbax": "orbax"}
 
 
 @dataclass
@@ -64,13 +64,14 @@ class ConvertReport:
 
 def target_format(dst) -> str:
     name = str(dst).lower()
-    for ext in (".weights.h5", ".keras", ".h5", ".hdf5"):
+    for ext in (".weights.h5", ".keras", ".h5", ".hdf5", ".orbax"):
         if name.endswith(ext):
             return TARGETS[ext]
     if name.endswith((".ckpt", ".index")) or "." not in Path(name).name:
         return "tf-checkpoint"  # a prefix: tf.train.Checkpoint(model=, optimizer=).write()
-    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5, .h5 or a "
-                       "TF checkpoint prefix (name.ckpt, or a name without extension)")
+    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5, .h5, a "
+                       "TF checkpoint prefix (name.ckpt, or a name without extension) or an "
+                       "Orbax checkpoint directory (name.orbax)")
 
 
 def _weights(entries):
@@ -132,9 +133,30 @@ def _by_leaf(ts, ss):
     return ss
 
 
+def _without_metrics(s_entries, t_entries, report):
+    """Metric variables (Orbax checkpoints) move only between formats that keep them."""
+    from surgeon.core.tree import is_metric
+    n = sum(map(is_metric, s_entries))
+    if n and not any(map(is_metric, t_entries)):
+        report.notes.append(f"{n} metric variable(s) not carried (the target format keeps none)")
+        s_entries = [e for e in s_entries if not is_metric(e)]
+    return s_entries, t_entries
+
+
+def _fresh_metrics(missing, t_entries, s_entries, report):
+    """Target metric variables a source without any keeps at their initial values."""
+    from surgeon.core.tree import is_metric
+    if any(map(is_metric, s_entries)):
+        return []
+    fresh = [t.name for t in t_entries if is_metric(t) and t.name in missing]
+    if fresh:
+        report.notes.append(f"{len(fresh)} metric variable(s) start fresh (the source keeps none)")
+    return fresh
+
+
 def plan_pairs(src, skel, report, allow_missing):
     """Pair every tensor of the skeleton ``skel`` with one of ``src``."""
-    s_entries, t_entries = src.entries(), skel.entries()
+    s_entries, t_entries = _without_metrics(src.entries(), skel.entries(), report)
     wpairs, used = match_weights(s_entries, t_entries, report.notes)
     src_names = {e.name for e in s_entries}
     missing = []
@@ -150,6 +172,9 @@ def plan_pairs(src, skel, report, allow_missing):
     missing += slot_missing
     report.unmatched_source = [e.name for e in s_entries if e.name not in used
                                and e.role != "optimizer" and not e.name.startswith("optimizer/placeholder/")]
+    fresh = _fresh_metrics(missing, t_entries, s_entries, report)
+    missing = [m for m in missing if m not in fresh]
+    report.pairs += [Pair(m, None, "kept") for m in fresh]
     if missing and not allow_missing:
         raise SurgeonError(f"{report.target}: {len(missing)} target tensor(s) have no source "
                            f"(first: {missing[0]}); pass --allow-missing to keep Keras' initial "
@@ -263,8 +288,16 @@ def _assets(src, skel, fmt, report):
     return have
 
 
+def _writer(dst, skel, src):
+    if skel.format != "orbax":
+        return open_writer(dst, like=skel)
+    from surgeon.formats.orbax import OrbaxWriter
+    info = getattr(src, "optimizer", None)
+    return OrbaxWriter(skel, dst, step=getattr(info, "iterations", None) or 0)
+
+
 def _fill(src, skel, dst, report, log=None, carry=None):
-    with open_writer(dst, like=skel) as w:
+    with _writer(dst, skel, src) as w:
         for member, data in (carry or {}).items():
             w.set_member(member, data)
         for p in report.pairs:

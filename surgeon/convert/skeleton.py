@@ -217,6 +217,8 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
         model.save(keras_path)
         if fmt == "keras":
             return keras_path, None
+        if fmt == "orbax":
+            return _orbax_skeleton(model, tmpdir / "skeleton.orbax"), None
         if fmt == "keras-weights-h5":
             out = tmpdir / "skeleton.weights.h5"
             model.save_weights(out)
@@ -231,6 +233,20 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
         # the .keras twin names the checkpoint's nested models (not recorded in it)
         return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), keras_path
     raise SurgeonError(f"cannot write format {fmt!r}")
+
+
+def _orbax_skeleton(model, root):
+    """The layout Keras' own ``OrbaxCheckpoint`` callback writes for ``model`` (step 0)."""
+    keras = import_keras()
+    try:
+        cb = keras.callbacks.OrbaxCheckpoint(str(root.resolve()), save_on_background=False)
+    except ImportError:
+        from surgeon.formats.orbax_layout import INSTALL
+        raise SurgeonError(f"writing Orbax checkpoints needs orbax-checkpoint: {INSTALL}") from None
+    cb.set_model(model)
+    cb._save_checkpoint(step=0)
+    cb.on_train_end()
+    return root
 
 
 def model_json(model):

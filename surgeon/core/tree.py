@@ -66,6 +66,14 @@ class OptimizerInfo:
         return d
 
 
+METRICS = "metrics_variables"
+
+
+def is_metric(entry) -> bool:
+    """A compiled metric's variable (Orbax checkpoints hold them; ``.keras`` files do not)."""
+    return entry.role == "state" and entry.layer == METRICS and entry.name.startswith(METRICS + "/")
+
+
 def slot_name(param: str, slot: str) -> str:
     """Canonical name of a param's optimizer slot."""
     return f"optimizer/{param}/{slot}"

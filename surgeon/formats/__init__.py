@@ -12,7 +12,8 @@ from surgeon.core.errors import FormatError, SurgeonError
 
 SUPPORTED = (".keras (Keras 3 model), .weights.h5 (Keras 3 weights), "
              ".weights.json (Keras 3 sharded weights), .h5/.hdf5 (legacy Keras 2/tf.keras), "
-             "TF checkpoints (prefix, directory or .index), SavedModel directories")
+             "TF checkpoints (prefix, directory or .index), SavedModel directories, "
+             "Orbax checkpoint directories (root, step or item)")
 
 # format name -> (module in surgeon.formats, opener function, writer factory)
 # Each module: opener(path, model=None) -> reader; writer(target, like) -> writer.
@@ -23,6 +24,7 @@ REGISTRY = {
     "legacy-h5": ("legacy_h5", "open_legacy_h5", "LegacyH5Writer"),
     "tf-checkpoint": ("tf_bundle", "open_bundle", "BundleWriter"),
     "saved-model": ("tf_bundle", "open_saved_model", "BundleWriter"),
+    "orbax": ("orbax", "open_orbax", "OrbaxWriter"),
 }
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -61,6 +63,9 @@ def detect(path) -> str:
             return "saved-model"
         if (path / "checkpoint").exists() or any(path.glob("*.index")):
             return "tf-checkpoint"
+        from .orbax_layout import is_orbax
+        if is_orbax(path):
+            return "orbax"
         raise FormatError(f"{path}: directory holds no checkpoint; supported: {SUPPORTED}")
     name = path.name.lower()
     if name.endswith(".weights.json"):
@@ -90,13 +95,14 @@ def _module(fmt):
         raise SurgeonError(f"format {fmt!r} is not supported by this version of surgeon") from None
 
 
-def open_checkpoint(path, model=None):
+def open_checkpoint(path, model=None, step=None):
     """Open any supported checkpoint as a reader (a context manager).
 
     Args:
         path: checkpoint file, directory or TF prefix.
         model: for bare weights files, a ``.keras`` file or ``config.json`` giving the
             model structure (layer classes, frozen flags, optimizer) used to bind slots.
+        step: for an Orbax root of numbered steps, the step to open (default: the latest).
     Returns:
         A reader with ``entries()``, ``entry(name)``, ``read(name)``, ``metadata()``,
         ``close()``; ``format`` names its format.
@@ -111,7 +117,10 @@ def open_checkpoint(path, model=None):
     inputs = [path] + ([model] if model is not None else [])
     tokens = [atomic.protect(p) for p in inputs]  # no write may touch it while it is open
     try:
-        reader = getattr(module, opener)(path, model=model)
+        extra = {"step": step} if step is not None else {}
+        if step is not None and fmt != "orbax":
+            raise SurgeonError(f"{path}: --step is for Orbax checkpoint roots")
+        reader = getattr(module, opener)(path, model=model, **extra)
     except BaseException:
         for t in tokens:
             atomic.release(t)

@@ -2,8 +2,8 @@
 
 The log is a JSON list of records (oldest first). It is stored where the format has
 room: the zip member ``surgeon/provenance.json`` of a ``.keras`` file, the extra H5
-dataset ``surgeon/provenance`` of a ``.weights.h5`` (first shard when sharded). Keras
-ignores both when loading.
+dataset ``surgeon/provenance`` of a ``.weights.h5`` (first shard when sharded), the file
+``surgeon_provenance.json`` in an Orbax step directory. Keras and Orbax ignore them.
 """
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def read_log(path) -> list:
                 return []
             raw = f[H5_KEY][()]
             return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    if fmt == "orbax":
+        from .orbax_layout import PROVENANCE, locate
+        where = locate(path)
+        log = (where.step_dir or where.item) / PROVENANCE
+        return json.loads(log.read_bytes()) if log.exists() else []
     return []
 
 
@@ -189,6 +194,9 @@ def embed_file(path, fmt: str, history: list) -> bool:
 def embed(writer, fmt: str, history: list) -> bool:
     """Store ``history`` in the output being written; False when the format has no room."""
     data = json.dumps(history, indent=1, sort_keys=False)
+    if fmt == "orbax" and hasattr(writer, "set_provenance"):
+        writer.set_provenance(data.encode())
+        return True
     if fmt == "keras" and hasattr(writer, "set_member"):
         writer.set_member(MEMBER, data.encode())
         return True

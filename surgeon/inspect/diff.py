@@ -165,14 +165,15 @@ def diff_checkpoints(ra, rb, *, atol=0.0, rtol=0.0, only=None, ignore_optimizer=
     if atol < 0 or rtol < 0:
         raise SurgeonError(f"tolerances must be >= 0, got atol={atol}, rtol={rtol}")
     rename = _renamer(maps)
+    a_entries, b_entries = _metrics_on_both(ra.entries(), rb.entries())
     a_map = {}
-    for e in ra.entries():
+    for e in a_entries:
         new = rename(e.name)
         if _keep(e, new, rename(e.slot_of), only, ignore_optimizer):
             if new in a_map:
                 raise SurgeonError(f"--map sends {a_map[new].name!r} and {e.name!r} to the same name {new!r}")
             a_map[new] = e
-    b_map = {e.name: e for e in rb.entries() if _keep(e, e.name, e.slot_of, only, ignore_optimizer)}
+    b_map = {e.name: e for e in b_entries if _keep(e, e.name, e.slot_of, only, ignore_optimizer)}
     result = DiffResult(_side(ra), _side(rb), atol, rtol)
     for name, ea in a_map.items():
         eb = b_map.get(name)
@@ -191,6 +192,15 @@ def diff_checkpoints(ra, rb, *, atol=0.0, rtol=0.0, only=None, ignore_optimizer=
     from surgeon.formats.assets import differ
     result.assets = differ(ra, rb)
     return result
+
+
+def _metrics_on_both(a, b):
+    """Metric variables are compared only when both sides hold some (a ``.keras`` file
+    keeps none: an Orbax checkpoint of the same state is equal to it)."""
+    from surgeon.core.tree import is_metric
+    if any(map(is_metric, a)) and any(map(is_metric, b)):
+        return a, b
+    return [e for e in a if not is_metric(e)], [e for e in b if not is_metric(e)]
 
 
 def _mapped_layer(entry, name):

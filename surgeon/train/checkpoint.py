@@ -24,8 +24,11 @@ def live_values(vm) -> dict:
 def writable_like(reader, vm, optimizer=None) -> bool:
     """True when the source tree and the live variables are the same set of names and
     shapes (and the same optimizer kind), so the source can be rewritten in place."""
+    from surgeon.core.tree import is_metric
     by_name = {}
     for e in reader.entries():
+        if is_metric(e):  # kept as stored (Keras resets them every epoch)
+            continue
         name = vm.keys.get(e.key, e.name) if e.role in ("param", "state") else e.name
         by_name[name] = tuple(e.shape)
     live = {n: tuple(v.shape) for n, v in live_values(vm).items()}
@@ -88,6 +91,8 @@ def write_like(reader, vm, target, log=None) -> Path:
             if str(arr.dtype) != e.dtype:
                 arr = arr.astype(e.dtype)
             w.write(e.name, arr)
+            if e.name == "optimizer/iteration" and hasattr(w, "set_step"):
+                w.set_step(int(arr))  # an Orbax step directory is named by its step
         if log is not None:
             provenance.embed(w, reader.format, log)
         return Path(w.finalize())

@@ -86,8 +86,14 @@ def plan_restore(reader, vm: VarMap, optimizer, reset_optimizer=False) -> tuple[
         else:
             rep.optimizer_problem = msg
             want_opt = {}
+    from surgeon.core.tree import is_metric
+    metrics = [e for e in entries if is_metric(e)]
+    if metrics:  # Keras resets compiled metrics at every epoch: nothing to resume
+        rep.notes.append(f"{len(metrics)} metric variable(s) not restored (Keras resets them)")
     for e in entries:
         name = vm.keys.get(e.key, e.name) if e.role in ("param", "state") else e.name
+        if is_metric(e):
+            continue
         if e.role in ("slot", "optimizer"):
             if reset_optimizer or rep.optimizer_problem:
                 continue
