@@ -17,6 +17,7 @@ from surgeon.core.tf import import_keras
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint
 from surgeon.binding.layers import to_snake_case
+from . import kinds as K
 from .channels import PRODUCERS, ChannelEdit
 from .graph import Graph
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction
@@ -62,8 +63,7 @@ def _producer(g, name, op):
     if layer.cls not in PRODUCERS:
         raise SurgeonError(f"{g.label}: cannot {op} {name!r}: it is a {layer.cls} layer; "
                            f"{op} supports {', '.join(PRODUCERS)}")
-    key = "units" if layer.cls == "Dense" else "filters"
-    return layer, int(layer.config[key])
+    return layer, K.width(g, layer)
 
 
 def _channel_plan(op, params, path, g, names, cc, slots, edit, removed=()):
@@ -93,8 +93,12 @@ def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
     params = {"layer": layer, "to": to, "seed": seed, "noise": noise}
     plan = _channel_plan("widen", params, path, g, names, cc, slots, edit)
     if noise:
-        plan.actions[f"{layer}/kernel"].steps.append(
-            {"op": "noise", "std": float(noise), "relative": True, "axis": -1,
+        var, axis, blocks = K.score_specs(g, lay)[0]
+        if blocks != 1 or lay.cls == "Bidirectional":
+            raise SurgeonError(f"{path}: cannot widen {layer!r} with --noise: noise on the new "
+                               f"units of a {lay.cls} layer is not supported; widen without it")
+        plan.actions[var].steps.append(
+            {"op": "noise", "std": float(noise), "relative": True, "axis": axis,
              "from": width, "seed": int(seed)})
         plan.notes.append(f"noise {noise} (relative) added to the new units: the function is "
                           "only approximately preserved")
@@ -120,13 +124,19 @@ def plan_delete_channels(path, layer, channels, slots="follow", op="delete_chann
 
 
 def channel_scores(path, layer, by="l1"):
-    """Per-output-channel magnitude of ``layer``'s kernel (``l1``, ``l2``)."""
+    """Per-output-unit magnitude of ``layer``'s output weights (``l1``, ``l2``): the kernel's
+    output axis (all gate blocks of a recurrent layer, both directions of a Bidirectional)."""
     if by not in ("l1", "l2"):
         raise SurgeonError(f"prune criterion {by!r} is not available; choose l1 or l2")
+    g, _, _ = load(path)
+    lay, width = _producer(g, layer, "prune")
+    total = np.zeros(width)
     with open_checkpoint(path) as ck:
-        k = ck.read(f"{layer}/kernel").astype(np.float64)
-    flat = k.reshape(-1, k.shape[-1])
-    return np.abs(flat).sum(0) if by == "l1" else np.sqrt((flat ** 2).sum(0))
+        for var, axis, blocks in K.score_specs(g, lay):
+            k = np.moveaxis(ck.read(var).astype(np.float64), axis, -1)
+            flat = k.reshape(-1, blocks, width)
+            total += np.abs(flat).sum((0, 1)) if by == "l1" else (flat ** 2).sum((0, 1))
+    return total if by == "l1" else np.sqrt(total)
 
 
 def plan_prune_channels(path, layer, fraction, by="l1", slots="follow"):
