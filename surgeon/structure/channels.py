@@ -186,7 +186,7 @@ class ChannelEdit:
     def _chan_edit(self, name, m):
         layer = self.g.layers[name]
         if layer.cls == "GroupNormalization":
-            K.check_groups(self.g, self.verb, layer, len(m[0]))
+            K.check_groups(self.g, self.verb, layer, self.shapes[name][0], len(m[0]))
         specs, mult = K.chan_specs(layer)
         for spec in specs:
             self._apply(spec, m)

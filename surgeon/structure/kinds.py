@@ -61,6 +61,15 @@ def rnn_parts(g, layer, verb="edit"):
     return parts
 
 
+def forget_build(layer):
+    """Drop the recorded build shapes of a wrapper's inner layers (Keras would build them
+    with the old width); the top-level ``build_config`` is dropped by the graph writer."""
+    for key in ("layer", "backward_layer"):
+        sub = layer.config.get(key)
+        if isinstance(sub, dict):
+            sub.pop("build_config", None)
+
+
 def width(g, layer) -> int:
     if layer.cls in RECURRENT:
         return int(rnn_parts(g, layer)[0][2]["units"])
@@ -91,6 +100,7 @@ def out_specs(g, layer):
     if layer.cls == "Embedding":
         return [(f"{n}/embeddings", -1, 1, 1, "out")]
     specs = []
+    forget_build(layer)
     for prefix, cls, _ in rnn_parts(g, layer):
         gates = RNN[cls][1]
         specs += [(f"{prefix}/kernel", -1, gates, 1, "out"),
@@ -117,6 +127,7 @@ def in_specs(g, layer):
         mult = int(cfg.get("depth_multiplier", 1))
         return [(f"{n}/depthwise_kernel", -2, 1, 1, "chan"),
                 (f"{n}/pointwise_kernel", -2, 1, mult, "in")]
+    forget_build(layer)
     return [(f"{prefix}/kernel", -2, 1, 1, "in") for prefix, _, _ in rnn_parts(g, layer)]
 
 
@@ -164,14 +175,28 @@ def check_axis(g, verb, layer, in_shape, strict):
         shared = [a % rank for a in (cfg.get("shared_axes") or [])]
         if rank - 1 in shared:
             _refuse(g, verb, name, "PReLU shares its alpha across the channel axis")
-    if strict and cls in ACROSS and not (cls == "GroupNormalization" and cfg.get("groups") == -1):
+    if strict and cls in ACROSS and not per_channel_groups(layer, in_shape):
         _refuse(g, verb, name, f"{cls} normalises across channels, so replicating channels "
                 "changes the function (only deletions follow it; GroupNormalization with "
-                "groups=-1 is per-channel)")
+                "one channel per group is per-channel)")
 
 
-def check_groups(g, verb, layer, new_width):
+def per_channel_groups(layer, in_shape):
+    """GroupNormalization with one channel per group (``groups=-1``, saved by Keras as the
+    width): instance normalization, a per-channel op."""
+    groups = layer.config.get("groups", 32)
+    return layer.cls == "GroupNormalization" and (
+        groups == -1 or bool(in_shape) and in_shape[-1] is not None and groups == in_shape[-1])
+
+
+def check_groups(g, verb, layer, old_shape, new_width):
+    """Keep one channel per group (instance norm) per channel; otherwise the new width must
+    be a multiple of the group count."""
     groups = int(layer.config.get("groups", 32))
+    if per_channel_groups(layer, old_shape):
+        if groups != -1:
+            layer.config["groups"] = new_width
+        return
     if groups != -1 and (new_width < groups or new_width % groups):
         _refuse(g, verb, layer.name, f"GroupNormalization has groups={groups} and the new "
                 f"width {new_width} is not a multiple of it; choose a width divisible by {groups}")
