@@ -62,7 +62,23 @@ def _mobilenet(keras):
     return m, "adam", (32, 32, 3)
 
 
-BUILDERS = {"chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
+def _refuse_model(keras):
+    L = keras.layers
+    x = keras.Input((4, 4, 2), name="image")
+    a = L.Conv2D(4, 1, name="a")(x)
+    h = L.LayerNormalization(name="ln")(a)
+    h = L.PReLU(shared_axes=[1, 2, 3], name="prelu")(h)  # one alpha: followed, nothing edited
+    h = L.Conv2D(4, 1, groups=2, name="grouped")(h)
+    b = L.Conv2D(4, 1, name="b")(x)
+    h2 = L.Softmax(name="sm")(b)
+    c = L.Conv2D(4, 1, name="c")(x)
+    h3 = L.Activation("softmax", name="act")(c)
+    h = L.Concatenate(name="cat")([h, h2, h3])
+    h = L.GlobalAveragePooling2D(name="gap")(h)
+    return keras.Model(x, L.Dense(2, name="out")(h), name="refuse"), "sgd", (4, 4, 2)
+
+
+BUILDERS = {"refuse": _refuse_model, "chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
 
 
 def _inputs(name, shape, n=4):
@@ -265,16 +281,23 @@ def test_transpose_producer_and_consumer_slices_and_trains_on(trained, chain):
     trains_on(out, x, y)
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["widen", "--layer", "stem", "--to", "12"],
-     "cannot widen through 'gn': GroupNormalization normalises across channels"),
-    (["delete-channels", "--layer", "stem", "--channels", "0,1"],
-     "cannot delete channels of through 'gn': GroupNormalization has groups=4 and the new width 6"),
-    (["widen", "--layer", "out", "--to", "4"], "reaches the model output 'out'"),
-    (["widen", "--layer", "gn", "--to", "9"], "it is a GroupNormalization layer; widen supports"),
-], ids=["widen-gn", "groups", "output", "not-producer"])
-def test_refusals_name_layer_and_reason(trained, tmp_path, args, msg):
-    path = trained("norms")[0]
+@pytest.mark.parametrize("name,args,msg", [
+    ("norms", ["widen", "--layer", "stem", "--to", "12"],
+     "cannot widen 'stem' through 'gn': GroupNormalization normalises across channels"),
+    ("norms", ["delete-channels", "--layer", "stem", "--channels", "0,1"],
+     "cannot delete channels of 'stem' through 'gn': GroupNormalization has groups=4 and the new width 6"),
+    ("norms", ["widen", "--layer", "out", "--to", "4"], "reaches the model output 'out'"),
+    ("norms", ["widen", "--layer", "gn", "--to", "9"], "it is a GroupNormalization layer; widen supports"),
+    ("refuse", ["widen", "--layer", "a", "--to", "6"],
+     "cannot widen 'a' through 'ln': LayerNormalization normalises across channels"),
+    ("refuse", ["delete-channels", "--layer", "a", "--channels", "1"],
+     "cannot delete channels of 'a' through 'grouped': grouped convolutions are not supported"),
+    ("refuse", ["widen", "--layer", "b", "--to", "6"], "reaches 'sm', a Softmax layer that cannot"),
+    ("refuse", ["widen", "--layer", "c", "--to", "6"], "'act' applies softmax across channels"),
+], ids=["widen-gn", "groups", "output", "not-producer", "widen-ln", "grouped", "softmax-layer",
+        "softmax-act"])
+def test_refusals_name_layer_and_reason(trained, tmp_path, name, args, msg):
+    path = trained(name)[0]
     out = tmp_path / "never.keras"
     r = run_cli(args[0], path, *args[1:], "-o", out)
     assert r.exit_code == 2, r.output

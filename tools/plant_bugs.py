@@ -51,6 +51,7 @@ FILES = {
     "plan": "surgeon/recipe/plan.py",
     "convert": "surgeon/convert/__init__.py",
     "convert_skeleton": "surgeon/convert/skeleton.py",
+    "structure_kinds": "surgeon/structure/kinds.py",
 }
 
 
@@ -146,6 +147,23 @@ BUGS = [
     Bug("lambda-not-refused", "convert_skeleton", "name = find_lambda(config)", "name = None",
         ("tests/test_oracles.py::test_lambda_payload_never_runs[convert]",),
         "a Lambda layer's stored bytecode is no longer refused by convert"),
+    Bug("depthwise-slots-blockwise", "structure_kinds",
+        "return [float(f) for f in factors for _ in range(mult)] * blocks",
+        "return [float(f) for _ in range(mult) for f in factors] * blocks",
+        ("tests/test_structure_kinds.py::test_depthwise_and_separable_follow_the_map_slots_alike",),
+        "a depthwise conv's slot factors laid out block-wise, not per channel (multiplier > 1)"),
+    Bug("depthwise-map-not-expanded", "structure_kinds",
+        '(f"{n}/bias", 0, 1, mult, "chan")], mult', '(f"{n}/bias", 0, 1, mult, "chan")], 1',
+        ("tests/test_structure_kinds.py::test_widen_chain_preserves_function_and_trains_on[chan]",),
+        "the channel map after a DepthwiseConv(depth_multiplier=2) not expanded"),
+    Bug("separable-pointwise-unscaled", "structure_kinds",
+        '(f"{n}/pointwise_kernel", -2, 1, mult, "in")', '(f"{n}/pointwise_kernel", -2, 1, mult, "chan")',
+        ("tests/test_structure_kinds.py::test_widen_chain_preserves_function_and_trains_on[chan]",),
+        "widen: a SeparableConv consumer's pointwise rows replicated but not divided"),
+    Bug("rnn-gates-not-blocked", "structure_kinds",
+        '(f"{prefix}/kernel", -1, gates, 1, "out")', '(f"{prefix}/kernel", -1, 1, 1, "out")',
+        ("tests/test_structure_kinds.py::test_recurrent_gate_blocks_edited_together",),
+        "a recurrent layer's kernel edited as one block instead of one per gate"),
 ]
 
 

@@ -51,6 +51,7 @@ class ChannelEdit:
         self.consumer_scale = consumer_scale
         self.slot_scale = slot_scale
         self.strict = function_preserving
+        self.what = f"{verb} {start!r}"  # "widen 'stem'": messages name the edit and the layer
         self.producers, self.edited = [], set()
         self.actions, self.changed = {}, []
         self.shapes = {n: list(l.in_shapes) for n, l in graph.layers.items()}  # before the edit
@@ -59,20 +60,20 @@ class ChannelEdit:
     def _check_layer(self, name):
         layer = self.g.layers[name]
         if layer.shared:
-            raise SurgeonError(f"{self.g.label}: cannot {self.verb} through {name!r}: the layer is "
+            raise SurgeonError(f"{self.g.label}: cannot {self.what} through {name!r}: the layer is "
                                "shared (called more than once)")
         cfg = layer.config
         if cfg.get("data_format") == "channels_first":
-            raise SurgeonError(f"{self.g.label}: cannot {self.verb} through {name!r}: only "
+            raise SurgeonError(f"{self.g.label}: cannot {self.what} through {name!r}: only "
                                "channels_last layers are supported")
         if layer.cls in PRODUCERS and cfg.get("groups", 1) != 1:
-            raise SurgeonError(f"{self.g.label}: cannot {self.verb} through {name!r}: grouped "
+            raise SurgeonError(f"{self.g.label}: cannot {self.what} through {name!r}: grouped "
                                "convolutions are not supported")
         if layer.cls in PER_CHANNEL:
             shp = layer.in_shapes[0] if layer.in_shapes else None
-            K.check_axis(self.g, self.verb, layer, shp, self.strict)
+            K.check_axis(self.g, self.what, layer, shp, self.strict)
         if layer.cls in K.RECURRENT:
-            K.rnn_parts(self.g, layer, self.verb)
+            K.rnn_parts(self.g, layer, self.what)
 
     def _mark(self, name, pending):
         if name not in self.edited:
@@ -186,7 +187,7 @@ class ChannelEdit:
     def _chan_edit(self, name, m):
         layer = self.g.layers[name]
         if layer.cls == "GroupNormalization":
-            K.check_groups(self.g, self.verb, layer, self.shapes[name][0], len(m[0]))
+            K.check_groups(self.g, self.what, layer, self.shapes[name][0], len(m[0]))
         specs, mult = K.chan_specs(layer)
         for spec in specs:
             self._apply(spec, m)
@@ -199,7 +200,7 @@ class ChannelEdit:
     def _flatten(self, name, m):
         shp = self.shapes[name][0]
         if shp is None or any(d is None for d in shp[1:]):
-            raise SurgeonError(f"{self.g.label}: cannot {self.verb} through Flatten {name!r}: its "
+            raise SurgeonError(f"{self.g.label}: cannot {self.what} through Flatten {name!r}: its "
                                "input shape is not fully known in the config")
         if len(shp) == 2:
             return m
@@ -213,7 +214,7 @@ class ChannelEdit:
         shapes = self.shapes[name]
         axis = layer.config.get("axis", -1)
         if any(s is None for s in shapes) or axis not in (-1, len(shapes[0]) - 1):
-            raise SurgeonError(f"{self.g.label}: cannot {self.verb} through Concatenate {name!r}: "
+            raise SurgeonError(f"{self.g.label}: cannot {self.what} through Concatenate {name!r}: "
                                "only concatenation on the last axis with known shapes is supported")
         idx, cfac, sfac, off = [], [], [], 0
         for shp, m in zip(shapes, maps):

@@ -142,6 +142,11 @@ def chan_specs(layer):
     if layer.cls == "RMSNormalization":
         return [(f"{n}/scale", 0, 1, 1, "chan")], 1
     if layer.cls == "PReLU":
+        shp = layer.in_shapes[0] if layer.in_shapes else None
+        rank = len(shp) if shp else 0
+        shared = [a % rank for a in (cfg.get("shared_axes") or [])] if rank else []
+        if rank and rank - 1 in shared:
+            return [], 1  # one alpha for all channels: nothing to edit
         return [(f"{n}/alpha", -1, 1, 1, "chan")], 1
     if layer.cls in DEPTHWISE:
         mult = int(cfg.get("depth_multiplier", 1))
@@ -171,10 +176,6 @@ def check_axis(g, verb, layer, in_shape, strict):
     if cls in ("BatchNormalization", "LayerNormalization", "RMSNormalization",
                "UnitNormalization", "GroupNormalization") and cfg.get("axis", -1) not in last:
         _refuse(g, verb, name, f"{cls} must normalise the last (channel) axis only")
-    if cls == "PReLU" and rank:
-        shared = [a % rank for a in (cfg.get("shared_axes") or [])]
-        if rank - 1 in shared:
-            _refuse(g, verb, name, "PReLU shares its alpha across the channel axis")
     if strict and cls in ACROSS and not per_channel_groups(layer, in_shape):
         _refuse(g, verb, name, f"{cls} normalises across channels, so replicating channels "
                 "changes the function (only deletions follow it; GroupNormalization with "
