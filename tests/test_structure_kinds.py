@@ -27,7 +27,7 @@ def _conv_model(keras):
     h = L.Conv2DTranspose(4, 3, name="tr")(h)
     h = L.GroupNormalization(groups=-1, name="gn")(h)
     h = L.DepthwiseConv2D(1, name="dw1")(h)
-    h = L.GlobalAveragePooling2D(name="gap")(h)
+    h = L.Flatten(name="flat")(h)  # not pooling: the mean of an instance-normalised map is beta
     return keras.Model(x, L.Dense(3, name="out")(h), name="chan"), "adam", (8, 8, 3)
 
 
@@ -56,9 +56,18 @@ def _seq_model(keras):
     return keras.Model(x, L.Dense(2, name="out")(h), name="seq"), "adam", None
 
 
+def _mha_model(keras):
+    L = keras.layers
+    x = keras.Input((5, 6), name="seq")
+    h = L.Dense(6, name="proj")(x)
+    h = L.MultiHeadAttention(3, 4, name="mha")(h, h)
+    h = L.GlobalAveragePooling1D(name="gap")(h)
+    return keras.Model(x, L.Dense(2, name="out")(h), name="attn"), "adam", (5, 6)
+
+
 def _mobilenet(keras):
     m = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                       classes=3)
+                                       classes=3, classifier_activation=None)  # logits
     return m, "adam", (32, 32, 3)
 
 
@@ -78,7 +87,7 @@ def _refuse_model(keras):
     return keras.Model(x, L.Dense(2, name="out")(h), name="refuse"), "sgd", (4, 4, 2)
 
 
-BUILDERS = {"refuse": _refuse_model, "chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
+BUILDERS = {"refuse": _refuse_model, "mha": _mha_model, "chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
 
 
 def _inputs(name, shape, n=4):
@@ -294,8 +303,13 @@ def test_transpose_producer_and_consumer_slices_and_trains_on(trained, chain):
      "cannot delete channels of 'a' through 'grouped': grouped convolutions are not supported"),
     ("refuse", ["widen", "--layer", "b", "--to", "6"], "reaches 'sm', a Softmax layer that cannot"),
     ("refuse", ["widen", "--layer", "c", "--to", "6"], "'act' applies softmax across channels"),
+    ("mha", ["widen", "--layer", "proj", "--to", "8"],
+     "reaches 'mha', a MultiHeadAttention layer that cannot follow a channel change"),
+    ("mha", ["delete-heads", "--layer", "mha", "--heads", "0,1,2"], "delete between 1 and 2 heads"),
+    ("mha", ["prune-heads", "--layer", "proj", "--fraction", "0.5"],
+     "it is a Dense layer; heads are edited on MultiHeadAttention layers"),
 ], ids=["widen-gn", "groups", "output", "not-producer", "widen-ln", "grouped", "softmax-layer",
-        "softmax-act"])
+        "softmax-act", "mha-follow", "heads-all", "heads-not-mha"])
 def test_refusals_name_layer_and_reason(trained, tmp_path, name, args, msg):
     path = trained(name)[0]
     out = tmp_path / "never.keras"
@@ -303,6 +317,32 @@ def test_refusals_name_layer_and_reason(trained, tmp_path, name, args, msg):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("surgeon: error: ") and msg in r.output, r.output
     assert not out.exists()
+
+
+def test_prune_heads_equals_zeroed_output_rows_and_trains_on(trained, chain):
+    """Pruning a head equals zeroing its rows of the output projection; its query/key/value
+    slices and rows go, with their slots; nothing downstream changes."""
+    path, _, x, y, _, model = trained("mha")
+    ((plan, out),) = chain("mha", (S.plan_prune_heads, dict(layer="mha", fraction=0.34)))
+    drop = plan.params["heads"]
+    assert len(drop) == 1 and drop == [int(np.argmin(S.head_scores(path, "mha")))]
+    keep = [h for h in range(3) if h not in drop]
+    old, new = tensors(path), tensors(out)
+    for v, sl in (("query/kernel", (slice(None), keep)), ("value/bias", (keep,)),
+                  ("attention_output/kernel", (keep,))):
+        for k in (f"mha/{v}", f"optimizer/mha/{v}/momentum", f"optimizer/mha/{v}/velocity"):
+            np.testing.assert_array_equal(new[k], old[k][sl])
+    assert_untouched_identical(plan, old, new)
+    o = model.get_layer("mha")._output_dense.kernel
+    k0 = np.asarray(o)
+    try:
+        k = k0.copy()
+        k[drop] = 0
+        o.assign(k)
+        ref = np.asarray(model(x, training=False))
+    finally:
+        o.assign(k0)
+    trains_on(out, x, y, ref)
 
 
 MNV2 = ((W, dict(layer="block_3_expand", to=60)), (P, dict(layer="block_2_expand", fraction=0.25)))

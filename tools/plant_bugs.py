@@ -52,6 +52,7 @@ FILES = {
     "convert": "surgeon/convert/__init__.py",
     "convert_skeleton": "surgeon/convert/skeleton.py",
     "structure_kinds": "surgeon/structure/kinds.py",
+    "structure_heads": "surgeon/structure/heads.py",
 }
 
 
@@ -164,6 +165,9 @@ BUGS = [
         '(f"{prefix}/kernel", -1, gates, 1, "out")', '(f"{prefix}/kernel", -1, 1, 1, "out")',
         ("tests/test_structure_kinds.py::test_recurrent_gate_blocks_edited_together",),
         "a recurrent layer's kernel edited as one block instead of one per gate"),
+    Bug("heads-output-rows-kept", "structure_heads", '"attention_output/kernel": 0}', "}",
+        ("tests/test_structure_kinds.py::test_prune_heads_equals_zeroed_output_rows_and_trains_on",),
+        "delete-heads slices query/key/value but keeps every row of the output projection"),
 ]
 
 
