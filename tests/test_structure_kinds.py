@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_keras_model, run_cli
+from conftest import FIXTURES, load_keras_model, run_cli
 from surgeon import open_checkpoint, structure as S
 
 
@@ -65,6 +65,16 @@ def _mha_model(keras):
     return keras.Model(x, L.Dense(2, name="out")(h), name="attn"), "adam", (5, 6)
 
 
+def _nest_model(keras):
+    L = keras.layers
+    x = keras.Input((3,), name="x")
+    h = L.Dense(4, name="pre")(x)
+    inner = keras.Sequential([keras.Input((4,)), L.Dense(5, name="a"), L.ReLU(name="r")],
+                             name="inner")
+    opt = keras.optimizers.SGD(momentum=0.9)
+    return keras.Model(x, L.Dense(2, name="out")(inner(h)), name="nest"), opt, (3,)
+
+
 def _mobilenet(keras):
     m = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                        classes=3, classifier_activation=None)  # logits
@@ -87,7 +97,7 @@ def _refuse_model(keras):
     return keras.Model(x, L.Dense(2, name="out")(h), name="refuse"), "sgd", (4, 4, 2)
 
 
-BUILDERS = {"refuse": _refuse_model, "mha": _mha_model, "chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
+BUILDERS = {"refuse": _refuse_model, "nest": _nest_model, "mha": _mha_model, "chan": _conv_model, "norms": _norm_model, "seq": _seq_model, "mnv2": _mobilenet}
 
 
 def _inputs(name, shape, n=4):
@@ -343,6 +353,38 @@ def test_prune_heads_equals_zeroed_output_rows_and_trains_on(trained, chain):
     finally:
         o.assign(k0)
     trains_on(out, x, y, ref)
+
+
+NEST = ((W, dict(layer="pre", to=7)),        # into a nested Sequential (its Input follows)
+        (W, dict(layer="inner/a", to=8)),    # inside it, out of it into the outer consumer
+        (D, dict(layer="inner/a", channels=[0, 5])))
+
+
+def test_nested_models_followed_inside(trained, chain, tmp_path):
+    path, _, x, y, ref, _ = trained("nest")
+    done = chain("nest", *NEST)
+    (p1, o1), (p2, o2), (p3, o3) = done
+    assert p1.changed_layers == ["pre", "inner/a"] and p2.changed_layers == ["inner/a", "out"]
+    old, mid = tensors(path), tensors(o1)
+    idx = p1.actions["pre/kernel"].steps[0]["index"]
+    c = np.bincount(idx, minlength=4)[idx]
+    np.testing.assert_allclose(mid["inner/a/kernel"], old["inner/a/kernel"][idx] / c[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(mid["optimizer/inner/a/kernel/momentum"],
+                                  old["optimizer/inner/a/kernel/momentum"][idx])
+    prev = old
+    for plan, out in done:
+        cur = tensors(out)
+        assert_untouched_identical(plan, prev, cur)
+        prev = cur
+    trains_on(o2, x, y, ref)  # both widenings: function preserved
+    trains_on(o3, x, y)
+    # out of a nested Functional (a committed fixture trained with AdamW)
+    src = FIXTURES / "nested_adamw.keras"
+    out = tmp_path / "nested_wide.keras"
+    S.execute(S.plan_widen(src, "backbone/fc2", 11), out)
+    xs = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    a, b = outputs(src, xs), outputs(out, xs)
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
 MNV2 = ((W, dict(layer="block_3_expand", to=60)), (P, dict(layer="block_2_expand", fraction=0.25)))

@@ -28,6 +28,7 @@ PASSTHROUGH = (
     "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
     "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D",
     "UpSampling1D", "UpSampling2D", "UpSampling3D", "Identity", "ActivityRegularization",
+    "NestedInput", "NestedOutput",  # the boundaries of a nested model (see Graph inline)
 )
 MERGES = ("Add", "Subtract", "Average", "Maximum", "Minimum", "Multiply")
 THROUGH = PER_CHANNEL + PASSTHROUGH + ("Flatten", "Concatenate") + MERGES
@@ -163,6 +164,8 @@ class ChannelEdit:
         a.steps.append({"op": "take", "axis": axis,
                         "index": K.expand_index(m[0], blocks, mult, width)})
         factors, on = (m[1], "param") if mode == "in" else (m[2], "slots")
+        if mode == "stat":
+            factors = None
         if factors is not None:
             a.steps.append({"op": "scale", "axis": axis, "on": on,
                             "factors": K.expand_factors(factors, blocks, mult)})

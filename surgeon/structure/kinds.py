@@ -14,8 +14,9 @@ carries after an edit (new channel j is old channel ``index[j]``). Three roles:
 
 Each spec is ``(variable path, axis, blocks, mult, mode)``: ``blocks`` gate blocks laid out
 block-major along ``axis`` (LSTM 4, GRU 3), ``mult`` the depth multiplier (channel-major),
-``mode`` ``out`` (gather + slot scale), ``in`` (gather + consumer scale on the param) or
-``chan`` (gather + slot scale, per-channel).
+``mode`` ``out`` (gather + slot scale), ``in`` (gather + consumer scale on the param),
+``chan`` (gather + slot scale, per-channel) or ``stat`` (gather only: a non-trainable
+statistic such as BatchNormalization's moving mean).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def chan_specs(layer):
     """A per-channel layer's weights and the depth multiplier of its output map."""
     n, cfg = layer.name, layer.config
     if layer.cls == "BatchNormalization":
-        return [(f"{n}/{v}", 0, 1, 1, "chan")
+        return [(f"{n}/{v}", 0, 1, 1, "chan" if v in ("gamma", "beta") else "stat")
                 for v in ("gamma", "beta", "moving_mean", "moving_variance")], 1
     if layer.cls in ("LayerNormalization", "GroupNormalization"):
         return [(f"{n}/gamma", 0, 1, 1, "chan"), (f"{n}/beta", 0, 1, 1, "chan")], 1

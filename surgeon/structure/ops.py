@@ -35,8 +35,9 @@ def _forbid_code(obj, label):
             _forbid_code(v, label)
 
 
-def load(path):
-    """(graph, entry names, compile_config, reader-free) for a ``.keras`` source."""
+def load(path, inline=False):
+    """(graph, entry names, compile_config) for a ``.keras`` source; ``inline``: nested
+    models followed inside (channel edits)."""
     with open_checkpoint(path) as ck:
         if ck.format != "keras":
             raise SurgeonError(f"{path}: structural surgery needs a .keras model (config and "
@@ -44,7 +45,7 @@ def load(path):
         cfg = ck.config
         names = [e.name for e in ck.entries()]
     _forbid_code(cfg, str(path))
-    return Graph(cfg, str(path)), names, cfg.get("compile_config")
+    return Graph(cfg, str(path), inline=inline), names, cfg.get("compile_config")
 
 
 def _check_slots(slots):
@@ -75,8 +76,9 @@ def _channel_plan(op, params, path, g, names, cc, slots, edit, removed=()):
 
 
 def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
-    """Net2WiderNet: grow ``layer`` (Dense/Conv) to ``to`` units, function preserved."""
-    g, names, cc = load(path)
+    """Net2WiderNet: grow ``layer`` (a producer, see :mod:`.kinds`) to ``to`` units, function
+    preserved. A layer of a nested model is named ``outer/inner``."""
+    g, names, cc = load(path, inline=True)
     lay, width = _producer(g, layer, "widen")
     if not isinstance(to, int) or to <= width:
         raise SurgeonError(f"{path}: cannot widen {layer!r} to {to}: it already has {width} "
@@ -107,7 +109,7 @@ def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
 
 def plan_delete_channels(path, layer, channels, slots="follow", op="delete_channels", params=None):
     """Remove output ``channels`` of ``layer`` and the matching inputs downstream."""
-    g, names, cc = load(path)
+    g, names, cc = load(path, inline=True)
     _, width = _producer(g, layer, "delete channels of")
     channels = sorted({int(c) for c in channels})
     bad = [c for c in channels if c < 0 or c >= width]
@@ -128,7 +130,7 @@ def channel_scores(path, layer, by="l1"):
     output axis (all gate blocks of a recurrent layer, both directions of a Bidirectional)."""
     if by not in ("l1", "l2"):
         raise SurgeonError(f"prune criterion {by!r} is not available; choose l1 or l2")
-    g, _, _ = load(path)
+    g, _, _ = load(path, inline=True)
     lay, width = _producer(g, layer, "prune")
     total = np.zeros(width)
     with open_checkpoint(path) as ck:
@@ -141,7 +143,7 @@ def channel_scores(path, layer, by="l1"):
 
 def plan_prune_channels(path, layer, fraction, by="l1", slots="follow"):
     """Delete the ``fraction`` of ``layer``'s channels with the smallest kernel norm."""
-    g, _, _ = load(path)
+    g, _, _ = load(path, inline=True)
     _, width = _producer(g, layer, "prune")
     if not 0 < fraction < 1:
         raise SurgeonError(f"--fraction must be in (0, 1), got {fraction}")
