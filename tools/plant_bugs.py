@@ -53,6 +53,7 @@ FILES = {
     "convert_skeleton": "surgeon/convert/skeleton.py",
     "structure_kinds": "surgeon/structure/kinds.py",
     "structure_heads": "surgeon/structure/heads.py",
+    "structure_graph": "surgeon/structure/graph.py",
 }
 
 
@@ -168,6 +169,10 @@ BUGS = [
     Bug("heads-output-rows-kept", "structure_heads", '"attention_output/kernel": 0}', "}",
         ("tests/test_structure_kinds.py::test_prune_heads_equals_zeroed_output_rows_and_trains_on",),
         "delete-heads slices query/key/value but keeps every row of the output projection"),
+    Bug("nested-input-shape-stale", "structure_graph",
+        '            layer.config["batch_shape"] = list(shape)\n', "",
+        ("tests/test_structure_kinds.py::test_nested_models_followed_inside",),
+        "a channel edit entering a nested model leaves its Input layer's shape stale"),
 ]
 
 
