@@ -226,7 +226,7 @@ def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json,
 @click.option("--layer", required=True, help="MultiHeadAttention layer.")
 @click.option("--heads", required=True, help="Comma-separated head indices, e.g. 0,2.")
 def delete_heads_cmd(model, output, slots, dry_run, as_json, layer, heads):
-    """Delete attention heads of a MultiHeadAttention layer.
+    """Delete MultiHeadAttention heads.
 
     The heads' query/key/value slices and output-projection rows go (slots alike); the
     layer's output shape is unchanged.
@@ -247,7 +247,7 @@ def delete_heads_cmd(model, output, slots, dry_run, as_json, layer, heads):
 @click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="Head score: norm of its query/key/value kernels and output rows.")
 def prune_heads_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
-    """Delete a MultiHeadAttention layer's weakest heads.
+    """Delete the weakest attention heads.
 
     The heads with the smallest weight norm go, as with delete-heads.
 
