@@ -318,8 +318,10 @@ def test_transpose_producer_and_consumer_slices_and_trains_on(trained, chain):
     ("mha", ["delete-heads", "--layer", "mha", "--heads", "0,1,2"], "delete between 1 and 2 heads"),
     ("mha", ["prune-heads", "--layer", "proj", "--fraction", "0.5"],
      "it is a Dense layer; heads are edited on MultiHeadAttention layers"),
+    ("nest", ["widen", "--layer", "inner", "--to", "8"],
+     "it is a nested model; name a layer inside it as inner/<layer>"),
 ], ids=["widen-gn", "groups", "output", "not-producer", "widen-ln", "grouped", "softmax-layer",
-        "softmax-act", "mha-follow", "heads-all", "heads-not-mha"])
+        "softmax-act", "mha-follow", "heads-all", "heads-not-mha", "nested-by-name"])
 def test_refusals_name_layer_and_reason(trained, tmp_path, name, args, msg):
     path = trained(name)[0]
     out = tmp_path / "never.keras"

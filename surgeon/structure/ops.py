@@ -61,6 +61,9 @@ def _plan(op, params, path, g, compile_config, slots, **kw):
 
 def _producer(g, name, op):
     layer = g.layer(name)
+    if layer.role == "alias":
+        raise SurgeonError(f"{g.label}: cannot {op} {name!r}: it is a nested model; name a layer "
+                           f"inside it as {name}/<layer>")
     if layer.cls not in PRODUCERS:
         raise SurgeonError(f"{g.label}: cannot {op} {name!r}: it is a {layer.cls} layer; "
                            f"{op} supports {', '.join(PRODUCERS)}")
