@@ -42,15 +42,19 @@ WRITERS = {
     "replace-layer": ("mlp_adam.keras", lambda i, o: ["replace-layer", i, "--layer", "fc2",
                                                       "--layer-json", TANH, "-o", o]),
     "diff": ("cnn_adam.keras", lambda i, o: ["diff", i, fixture("cnn_sgdm.keras"), "--plot", o]),
+    "delete-heads": ("attn_adam.keras", lambda i, o: ["delete-heads", i, "--layer", "mha",
+                                                      "--heads", "1", "-o", o]),
+    "prune-heads": ("attn_adam.keras", lambda i, o: ["prune-heads", i, "--layer", "mha",
+                                                     "--fraction", "0.34", "-o", o]),
 }
 READ_ONLY = {"ls", "log", "audit"}
 STRUCTURAL = ["widen", "deepen", "delete-channels", "prune-channels", "delete-layer",
-              "insert-layer", "replace-layer"]
+              "insert-layer", "replace-layer", "delete-heads", "prune-heads"]
 CHECKPOINT_WRITERS = [c for c in WRITERS if c != "diff"]  # diff writes a PNG, not a checkpoint
 
 
 def _src(name):
-    return FIXTURES / "structure" / name if name.startswith("mlp") else fixture(name)
+    return FIXTURES / "structure" / name if name.startswith(("mlp", "attn")) else fixture(name)
 
 
 def snapshot(folder):
@@ -195,7 +199,7 @@ def written(tmp_path_factory):
     """Every checkpoint writer run once under umask 027 on inputs that carry a surgery log."""
     work = tmp_path_factory.mktemp("written")
     bases = {}
-    for name in ("cnn_adam.keras", "mlp_adam.keras"):
+    for name in ("cnn_adam.keras", "mlp_adam.keras", "attn_adam.keras"):
         base = work / f"base_{name}"
         res = run_cli("apply", RECIPE, "-i", _src(name), "-o", base, "--no-progress")
         assert res.exit_code == 0, res.output

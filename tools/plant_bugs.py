@@ -57,6 +57,8 @@ FILES = {
     "orbax": "surgeon/formats/orbax.py",
     "orbax_layout": "surgeon/formats/orbax_layout.py",
     "orbax_writer": "surgeon/formats/orbax_writer.py",
+    "structure_kinds": "surgeon/structure/kinds.py",
+    "structure_graph": "surgeon/structure/graph.py",
 }
 
 
@@ -178,6 +180,15 @@ BUGS = [
         '                if leaf.key not in self._written and leaf.value_type != "scalar":',
         ("tests/test_orbax.py::test_identity_apply_keras_loads_bit_identical_and_keeps_training",),
         "the Orbax writer drops untouched scalars (iteration, learning rate, metric counts)"),
+    Bug("depthwise-slots-blockwise", "structure_kinds",
+        "return [float(f) for f in factors for _ in range(mult)] * blocks",
+        "return [float(f) for _ in range(mult) for f in factors] * blocks",
+        ("tests/test_structure_kinds.py::test_depthwise_and_separable_follow_the_map_slots_alike",),
+        "a depthwise conv's slot factors laid out block-wise, not per channel (multiplier > 1)"),
+    Bug("nested-input-shape-stale", "structure_graph",
+        '            layer.config["batch_shape"] = list(shape)\n', "",
+        ("tests/test_structure_kinds.py::test_nested_models_followed_inside",),
+        "a channel edit entering a nested model leaves its Input layer's shape stale"),
 ]
 
 

@@ -1,5 +1,5 @@
 """CLI commands for structural surgery: widen, deepen, delete-channels, prune-channels,
-insert-layer, delete-layer, replace-layer (thin wrappers over ``surgeon.structure``)."""
+insert-layer, delete-layer, replace-layer, delete-heads, prune-heads (thin wrappers over ``surgeon.structure``)."""
 from __future__ import annotations
 
 import functools
@@ -70,7 +70,9 @@ def _spec(text):
 
 @click.command("widen")
 @_common
-@click.option("--layer", required=True, help="Dense/Conv layer to widen.")
+@click.option("--layer", required=True,
+              help="Layer to widen (Dense, Conv, Conv*Transpose, SeparableConv, Embedding, "
+                   "LSTM/GRU/SimpleRNN, Bidirectional).")
 @click.option("--to", "to", type=int, required=True, help="New number of units/filters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which units are replicated.")
 @click.option("--noise", type=float, default=0.0, show_default=True,
@@ -114,16 +116,17 @@ def deepen_cmd(model, output, slots, dry_run, as_json, after, activation, kernel
                      slots=slots), output, dry_run, as_json)
 
 
-def _channels(text):
+def _channels(text, option="--channels"):
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise SurgeonError(f"--channels {text!r}: expected comma-separated integers like 0,3") from None
+        raise SurgeonError(f"{option} {text!r}: expected comma-separated integers like 0,3") from None
 
 
 @click.command("delete-channels")
 @_common
-@click.option("--layer", required=True, help="Dense/Conv layer whose output channels go.")
+@click.option("--layer", required=True,
+              help="Layer whose output channels go (the producers widen accepts).")
 @click.option("--channels", required=True, help="Comma-separated channel indices, e.g. 0,3.")
 def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels):
     """Delete channels and their downstream inputs.
@@ -141,7 +144,7 @@ def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels)
 
 @click.command("prune-channels")
 @_common
-@click.option("--layer", required=True, help="Dense/Conv layer to prune.")
+@click.option("--layer", required=True, help="Layer to prune (the producers widen accepts).")
 @click.option("--fraction", type=float, required=True, help="Fraction of channels to remove.")
 @click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
               help="Channel score: norm of its kernel slice; the smallest go.")
@@ -218,8 +221,46 @@ def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json,
          output, dry_run, as_json)
 
 
+@click.command("delete-heads")
+@_common
+@click.option("--layer", required=True, help="MultiHeadAttention layer.")
+@click.option("--heads", required=True, help="Comma-separated head indices, e.g. 0,2.")
+def delete_heads_cmd(model, output, slots, dry_run, as_json, layer, heads):
+    """Delete MultiHeadAttention heads.
+
+    The heads' query/key/value slices and output-projection rows go (slots alike); the
+    layer's output shape is unchanged.
+
+    \b
+    Example:
+      surgeon delete-heads model.keras --layer mha --heads 0,2 -o fewer_heads.keras
+    """
+    from surgeon.structure import plan_delete_heads
+    _run(plan_delete_heads(model, layer, _channels(heads, "--heads"), slots=slots),
+         output, dry_run, as_json)
+
+
+@click.command("prune-heads")
+@_common
+@click.option("--layer", required=True, help="MultiHeadAttention layer.")
+@click.option("--fraction", type=float, required=True, help="Fraction of heads to remove.")
+@click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
+              help="Head score: norm of its query/key/value kernels and output rows.")
+def prune_heads_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
+    """Delete the weakest attention heads.
+
+    The heads with the smallest weight norm go, as with delete-heads.
+
+    \b
+    Example:
+      surgeon prune-heads model.keras --layer mha --fraction 0.25 -o pruned.keras
+    """
+    from surgeon.structure import plan_prune_heads
+    _run(plan_prune_heads(model, layer, fraction, by=by, slots=slots), output, dry_run, as_json)
+
+
 COMMANDS = (widen_cmd, deepen_cmd, delete_channels_cmd, prune_channels_cmd, delete_layer_cmd,
-            insert_layer_cmd, replace_layer_cmd)
+            insert_layer_cmd, replace_layer_cmd, delete_heads_cmd, prune_heads_cmd)
 
 
 def register(main):

@@ -36,7 +36,8 @@ from .schema import OpSpec, Recipe, Selector, check_iteration, make_selector
 
 __all__ = ["recipe", "select", "op", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
            "cast", "mask", "transfer", "transplant", "rename", "delete", "load_recipe",
-           "apply_overrides", "Recipe", "OpSpec", "Selector", "widen", "deepen", "delete_channels", "prune_channels", "insert_layer", "delete_layer", "replace_layer", "merge"]
+           "apply_overrides", "Recipe", "OpSpec", "Selector", "widen", "deepen", "delete_channels", "prune_channels", "insert_layer", "delete_layer", "replace_layer",
+           "delete_heads", "prune_heads", "merge"]
 
 
 def recipe(input=None, output=None, ops=(), *, iteration="keep", model=None, sources=None):
@@ -107,6 +108,8 @@ prune_channels = _structural("prune_channels")
 insert_layer = _structural("insert_layer")
 delete_layer = _structural("delete_layer")
 replace_layer = _structural("replace_layer")
+delete_heads = _structural("delete_heads")
+prune_heads = _structural("prune_heads")
 
 
 def transfer(source, select="*", **params):

@@ -15,7 +15,7 @@ from pathlib import Path
 from surgeon.core.errors import RecipeError, SurgeonError
 
 NAMES = ("widen", "deepen", "delete_channels", "prune_channels", "insert_layer",
-         "delete_layer", "replace_layer")
+         "delete_layer", "replace_layer", "delete_heads", "prune_heads")
 
 
 def _planner(name):

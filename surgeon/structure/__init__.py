@@ -16,6 +16,7 @@ Example:
 from .execute import execute
 from .ops import (plan_deepen, plan_delete_channels, plan_delete_layer, plan_insert_layer,
                   plan_prune_channels, plan_replace_layer, plan_widen, channel_scores)
+from .heads import head_scores, plan_delete_heads, plan_prune_heads
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction
 from .channels import supported_kinds
 
@@ -27,7 +28,9 @@ PLANNERS = {
     "insert_layer": plan_insert_layer,
     "delete_layer": plan_delete_layer,
     "replace_layer": plan_replace_layer,
+    "delete_heads": plan_delete_heads,
+    "prune_heads": plan_prune_heads,
 }
 
 __all__ = ["execute", "PLANNERS", "StructurePlan", "TensorAction", "SLOT_POLICIES",
-           "supported_kinds", "channel_scores"] + [f"plan_{k}" for k in PLANNERS]
+           "supported_kinds", "channel_scores", "head_scores"] + [f"plan_{k}" for k in PLANNERS]

@@ -25,6 +25,9 @@ class Layer:
     inputs: list = field(default_factory=list)   # producer layer names, call order
     in_shapes: list = field(default_factory=list)  # shapes of those inputs (or None)
     shared: bool = False  # called more than once (several inbound nodes)
+    role: str = ""  # inlined nested models: "inner", "nested_input" or "alias" (see Graph)
+    hook: tuple = ()  # nested_input: (the nested model's outer Layer, its input index)
+    inlined: bool = False  # a layer of a nested model (serialised inside its item)
 
     @property
     def config(self) -> dict:
@@ -48,12 +51,22 @@ def _shape(s):
     return tuple(s) if isinstance(s, list) else None
 
 
-class Graph:
-    """A model's layer graph (Functional or Sequential), editable, serialisable back."""
+NESTED = ("Functional", "Sequential")
 
-    def __init__(self, model_json: dict, label: str = "model"):
+
+class Graph:
+    """A model's layer graph (Functional or Sequential), editable, serialisable back.
+
+    ``inline``: nested (unshared) Functional/Sequential models are followed inside, for
+    channel edits: their layers join the graph as ``outer/inner`` (their weights' names),
+    each input layer becomes a pass-through fed by the nested model's caller
+    (``NestedInput``) and the nested model itself a pass-through of its output layer
+    (``NestedOutput``); edits to their configs land in the nested config in place."""
+
+    def __init__(self, model_json: dict, label: str = "model", inline: bool = False,
+                 _copy: bool = True):
         self.label = label
-        self.json = copy.deepcopy(model_json)
+        self.json = copy.deepcopy(model_json) if _copy else model_json
         self.kind = self.json.get("class_name")
         if self.kind not in ("Functional", "Sequential"):
             raise SurgeonError(f"{label}: structural surgery supports Functional and Sequential "
@@ -81,6 +94,40 @@ class Graph:
             first = next(iter(self.layers.values()))
             if first.cls != "InputLayer" and cfg.get("build_input_shape"):
                 first.in_shapes = [_shape(cfg["build_input_shape"])]
+        if inline:
+            for layer in list(self.layers.values()):
+                if layer.cls in NESTED and not layer.shared and layer.role == "":
+                    self._inline(layer)
+
+    def input_names(self) -> list:
+        if self.kind == "Sequential":
+            first = next(iter(self.layers), None)
+            return [first] if first is not None else []
+        refs = self.json["config"].get("input_layers") or []
+        if refs and isinstance(refs[0], str):
+            refs = [refs]
+        return [r[0] for r in refs]
+
+    def _inline(self, outer):
+        sub = Graph(outer.item, f"{self.label}: {outer.name}", inline=True, _copy=False)
+        ins, outs = sub.input_names(), sub.outputs()
+        if len(outs) != 1 or len(ins) != len(outer.inputs):
+            return  # left opaque: a channel edit reaching it is refused
+        p = outer.name + "/"
+        for n, l in sub.layers.items():
+            l.name, l.inputs = p + n, [p + i for i in l.inputs]
+            l.role, l.inlined = l.role or "inner", True
+            if n in ins:
+                k = ins.index(n)
+                if l.cls == "InputLayer":
+                    l.cls, l.role, l.hook = "NestedInput", "nested_input", (outer, k)
+                l.inputs, l.in_shapes = [outer.inputs[k]], [outer.in_shapes[k]]
+            l.item.pop("build_config", None)  # rebuilt from the tensors it is called on
+            self.layers[l.name] = l
+        outer.item.pop("build_config", None)
+        outer.config.pop("build_input_shape", None)
+        outer.cls, outer.role = "NestedOutput", "alias"
+        outer.inputs, outer.in_shapes = [p + outs[0]], [sub.out_shape(outs[0])]
 
     # -- queries -------------------------------------------------------------------
     def layer(self, name) -> Layer:
@@ -207,10 +254,16 @@ class Graph:
         """Record a new input shape (keeps the config self-consistent after a width change)."""
         layer = self.layers[name]
         layer.in_shapes[index] = tuple(shape)
-        if self.kind == "Functional":
-            kts = list(_keras_tensors((layer.item.get("inbound_nodes") or [])[:1]))
-            if index < len(kts):
-                kts[index]["config"]["shape"] = list(shape)
+        if layer.role == "alias":
+            return  # its consumers record the shape in their own inbound nodes
+        if layer.role == "nested_input":  # a nested model's input layer and its caller's tensor
+            outer, k = layer.hook
+            layer.config["batch_shape"] = list(shape)
+            layer, index = outer, k
+        # the Functional inbound node (a nested Functional's too, inside a Sequential)
+        kts = list(_keras_tensors((layer.item.get("inbound_nodes") or [])[:1]))
+        if index < len(kts):
+            kts[index]["config"]["shape"] = list(shape)
 
     # -- output --------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -219,6 +272,8 @@ class Graph:
         out = copy.deepcopy(self.json)
         items = []
         for layer in self.layers.values():
+            if layer.inlined:
+                continue  # serialised inside its nested model's item
             item = copy.deepcopy(layer.item)
             item.pop("build_config", None)
             items.append(item)

@@ -17,6 +17,7 @@ from surgeon.core.tf import import_keras
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint
 from surgeon.binding.layers import to_snake_case
+from . import kinds as K
 from .channels import PRODUCERS, ChannelEdit
 from .graph import Graph
 from .plan import SLOT_POLICIES, StructurePlan, TensorAction
@@ -34,8 +35,9 @@ def _forbid_code(obj, label):
             _forbid_code(v, label)
 
 
-def load(path):
-    """(graph, entry names, compile_config, reader-free) for a ``.keras`` source."""
+def load(path, inline=False):
+    """(graph, entry names, compile_config) for a ``.keras`` source; ``inline``: nested
+    models followed inside (channel edits)."""
     with open_checkpoint(path) as ck:
         if ck.format != "keras":
             raise SurgeonError(f"{path}: structural surgery needs a .keras model (config and "
@@ -43,7 +45,7 @@ def load(path):
         cfg = ck.config
         names = [e.name for e in ck.entries()]
     _forbid_code(cfg, str(path))
-    return Graph(cfg, str(path)), names, cfg.get("compile_config")
+    return Graph(cfg, str(path), inline=inline), names, cfg.get("compile_config")
 
 
 def _check_slots(slots):
@@ -59,11 +61,13 @@ def _plan(op, params, path, g, compile_config, slots, **kw):
 
 def _producer(g, name, op):
     layer = g.layer(name)
+    if layer.role == "alias":
+        raise SurgeonError(f"{g.label}: cannot {op} {name!r}: it is a nested model; name a layer "
+                           f"inside it as {name}/<layer>")
     if layer.cls not in PRODUCERS:
         raise SurgeonError(f"{g.label}: cannot {op} {name!r}: it is a {layer.cls} layer; "
                            f"{op} supports {', '.join(PRODUCERS)}")
-    key = "units" if layer.cls == "Dense" else "filters"
-    return layer, int(layer.config[key])
+    return layer, K.width(g, layer)
 
 
 def _channel_plan(op, params, path, g, names, cc, slots, edit, removed=()):
@@ -75,8 +79,9 @@ def _channel_plan(op, params, path, g, names, cc, slots, edit, removed=()):
 
 
 def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
-    """Net2WiderNet: grow ``layer`` (Dense/Conv) to ``to`` units, function preserved."""
-    g, names, cc = load(path)
+    """Net2WiderNet: grow ``layer`` (a producer, see :mod:`.kinds`) to ``to`` units, function
+    preserved. A layer of a nested model is named ``outer/inner``."""
+    g, names, cc = load(path, inline=True)
     lay, width = _producer(g, layer, "widen")
     if not isinstance(to, int) or to <= width:
         raise SurgeonError(f"{path}: cannot widen {layer!r} to {to}: it already has {width} "
@@ -93,8 +98,12 @@ def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
     params = {"layer": layer, "to": to, "seed": seed, "noise": noise}
     plan = _channel_plan("widen", params, path, g, names, cc, slots, edit)
     if noise:
-        plan.actions[f"{layer}/kernel"].steps.append(
-            {"op": "noise", "std": float(noise), "relative": True, "axis": -1,
+        var, axis, blocks = K.score_specs(g, lay)[0]
+        if blocks != 1 or lay.cls == "Bidirectional":
+            raise SurgeonError(f"{path}: cannot widen {layer!r} with --noise: noise on the new "
+                               f"units of a {lay.cls} layer is not supported; widen without it")
+        plan.actions[var].steps.append(
+            {"op": "noise", "std": float(noise), "relative": True, "axis": axis,
              "from": width, "seed": int(seed)})
         plan.notes.append(f"noise {noise} (relative) added to the new units: the function is "
                           "only approximately preserved")
@@ -103,7 +112,7 @@ def plan_widen(path, layer, to, seed=0, noise=0.0, slots="follow"):
 
 def plan_delete_channels(path, layer, channels, slots="follow", op="delete_channels", params=None):
     """Remove output ``channels`` of ``layer`` and the matching inputs downstream."""
-    g, names, cc = load(path)
+    g, names, cc = load(path, inline=True)
     _, width = _producer(g, layer, "delete channels of")
     channels = sorted({int(c) for c in channels})
     bad = [c for c in channels if c < 0 or c >= width]
@@ -120,18 +129,24 @@ def plan_delete_channels(path, layer, channels, slots="follow", op="delete_chann
 
 
 def channel_scores(path, layer, by="l1"):
-    """Per-output-channel magnitude of ``layer``'s kernel (``l1``, ``l2``)."""
+    """Per-output-unit magnitude of ``layer``'s output weights (``l1``, ``l2``): the kernel's
+    output axis (all gate blocks of a recurrent layer, both directions of a Bidirectional)."""
     if by not in ("l1", "l2"):
         raise SurgeonError(f"prune criterion {by!r} is not available; choose l1 or l2")
+    g, _, _ = load(path, inline=True)
+    lay, width = _producer(g, layer, "prune")
+    total = np.zeros(width)
     with open_checkpoint(path) as ck:
-        k = ck.read(f"{layer}/kernel").astype(np.float64)
-    flat = k.reshape(-1, k.shape[-1])
-    return np.abs(flat).sum(0) if by == "l1" else np.sqrt((flat ** 2).sum(0))
+        for var, axis, blocks in K.score_specs(g, lay):
+            k = np.moveaxis(ck.read(var).astype(np.float64), axis, -1)
+            flat = k.reshape(-1, blocks, width)
+            total += np.abs(flat).sum((0, 1)) if by == "l1" else (flat ** 2).sum((0, 1))
+    return total if by == "l1" else np.sqrt(total)
 
 
 def plan_prune_channels(path, layer, fraction, by="l1", slots="follow"):
     """Delete the ``fraction`` of ``layer``'s channels with the smallest kernel norm."""
-    g, _, _ = load(path)
+    g, _, _ = load(path, inline=True)
     _, width = _producer(g, layer, "prune")
     if not 0 < fraction < 1:
         raise SurgeonError(f"--fraction must be in (0, 1), got {fraction}")
