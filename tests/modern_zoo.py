@@ -107,8 +107,78 @@ def text():
     return m
 
 
+def _classes():
+    """The zoo's own Keras classes, registered (as ``keras.saving.load_model`` requires)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="surgeon_zoo")
+    class Gate(keras.layers.Layer):
+        """A custom layer: a trainable add_weight and a non-trainable counter."""
+
+        def build(self, shape):
+            self.w = self.add_weight(name="gate_w", shape=(shape[-1],), initializer="ones")
+            self.seen = self.add_weight(name="seen", shape=(), initializer="zeros",
+                                        trainable=False)
+
+        def call(self, x):
+            self.seen.assign_add(1.0)
+            return x * self.w
+
+    @keras.saving.register_keras_serializable(package="surgeon_zoo")
+    class Sub(keras.Model):
+        """A subclassed model: layers held by attributes, a frozen layer, and the model's
+        own add_weight variables (one trainable, one not)."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.body = keras.layers.Dense(3, name="body")
+            self.gate = Gate(name="gate")
+            self.head = keras.layers.Dense(2, name="head")
+            self.frozen = keras.layers.Dense(2, name="frozen")
+            self.frozen.trainable = False
+            self.scale = self.add_weight(name="scale", shape=(2,), initializer="ones")
+            self.calls = self.add_weight(name="calls", shape=(), initializer="zeros",
+                                         trainable=False)
+
+        def call(self, x):
+            h = self.gate(self.body(x))
+            self.calls.assign_add(1.0)
+            return self.head(h) * self.scale + self.frozen(h)
+
+    return Sub
+
+
+def subclassed():
+    import keras
+    return _fit(_classes()(name="sub"), keras.optimizers.Adam(0.01))
+
+
+def nested():
+    """A Functional model holding a nested Functional and a nested Sequential."""
+    import keras
+    inp = keras.Input((4,), name="bx")
+    inner = keras.Model(inp, keras.layers.Dense(3, name="inner_a")(inp), name="backbone")
+    seq = keras.Sequential([keras.layers.Dense(3, name="s1"),
+                            keras.layers.Dense(2, name="s2")], name="tail")
+    x = keras.Input((4,), name="x")
+    out = keras.layers.Dense(2, name="fc")(inner(x)) + seq(inner(x))
+    return _fit(keras.Model(x, out, name="outer"), keras.optimizers.Adam(0.01))
+
+
+def sequential():
+    import keras
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc1"),
+                          keras.layers.Dense(2, name="fc2")], name="seq")
+    return _fit(m, keras.optimizers.SGD(0.1, momentum=0.9))
+
+
+def plain():
+    import keras
+    return _fit(_mlp(), keras.optimizers.Adam(0.01))
+
+
 BUILDERS = {f.__name__: f for f in (int8, int4, mixed, ema, accum, adafactor, nadam, lora,
-                                     norm, text)}
+                                     norm, text, subclassed, nested, sequential, plain)}
 
 
 def save(model, directory, name):
@@ -119,3 +189,20 @@ def save(model, directory, name):
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
         str(directory / f"{name}_ckpt" / "ckpt"))
     return directory
+
+
+def save_more(model, directory, name):
+    """The other formats Keras writes: sharded weights, legacy ``.h5`` (where Keras accepts
+    the model), a SavedModel; returns {format: path or None when Keras refuses it}."""
+    import tensorflow as tf
+    out = {}
+    model.save_weights(directory / f"{name}_sharded.weights.json", max_shard_size=0.0002)
+    out["sharded"] = directory / f"{name}_sharded.weights.json"
+    try:
+        model.save(directory / f"{name}.h5")
+        out["legacy"] = directory / f"{name}.h5"
+    except (NotImplementedError, ValueError, TypeError):
+        out["legacy"] = None
+    tf.saved_model.save(model, str(directory / f"{name}_saved"))
+    out["saved"] = directory / f"{name}_saved"
+    return out

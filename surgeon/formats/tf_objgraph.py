@@ -21,6 +21,7 @@ import re
 from collections import deque
 
 from surgeon.core.tree import Entry, OptimizerInfo, slot_name
+from surgeon.binding.layers import _TRAINABLE
 from .tf_v1names import NON_TRAINABLE, Mapping
 
 VALUE = "VARIABLE_VALUE"
@@ -30,6 +31,8 @@ SLOT_NAMES = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "
               "accum_update": "accumulated_delta_var"}
 GLOBAL_NAMES = {"iter": "iteration", "_iterations": "iteration", "iterations": "iteration",
                 "_learning_rate": "learning_rate"}
+# Leaf names of weights built-in layers create trainable (a frozen layer's kernel).
+TRAINABLE_LEAVES = {n for names in _TRAINABLE.values() for n in names}
 _GENERIC = re.compile(r"^Variable(_\d+)?$")
 _LEGACY_CLASSES = {"Adam": "Adam", "RMSProp": "RMSprop", "RMSprop": "RMSprop",
                    "Momentum": "SGD", "SGD": "SGD", "Adagrad": "Adagrad", "Ftrl": "Ftrl",
@@ -41,7 +44,7 @@ class Graph:
 
     def __init__(self, proto, keys, saved_nodes=None, config=None):
         self.nodes = proto.nodes
-        self.config, self.unnamed = config, False
+        self.config, self.unnamed, self.subclassed = config, False, False
         self.keys = keys
         self.var_key, self.full_name, self.hidden = {}, {}, []
         for i, n in enumerate(self.nodes):
@@ -164,7 +167,7 @@ def _in_model(g, parent, layer, full):
         node = parent[node][0] if parent.get(node) else None
     models = [k for k, (n, e) in enumerate(chain) if _is_model(g, n) and e != "_functional"]
     if not models:
-        return full
+        return _in_subclassed(g, chain, full)
     below = [k for k in range(models[0]) if not _is_list(g, chain[k][0])
              and not _is_model(g, chain[k][0])]
     parts = full.split("/")
@@ -178,6 +181,22 @@ def _in_model(g, parent, layer, full):
         g.unnamed = True
         return full
     return "/".join(names + rel)
+
+
+def _in_subclassed(g, chain, full):
+    """A variable of a subclassed model: its TF name is the name scope it happened to be
+    created in (``sub/kernel`` for a sublayer built inside the model's ``call``), so the
+    layer part comes from the graph: the attributes from the model down to the owner
+    (``body``, ``gate``), which are the layer names when each layer is held by an
+    attribute of its own name; the leaf is the variable's own name (``add_weight``)."""
+    top = len(chain) - 1
+    if top >= 1 and chain[top][0] == 0 and chain[top - 1][1] == "model":
+        top -= 1  # tf.train.Checkpoint(model=...): the model is the root's child
+    edges = [e for _, e in chain[:top]][::-1]
+    if not full or any(e.startswith("_") for e in edges):
+        return full
+    g.subclassed = True
+    return "/".join(edges + [full.rsplit("/", 1)[-1]])
 
 
 def _nested_names(g, chain, models, top_layer, layer_name):
@@ -324,7 +343,8 @@ def map_graph(g: Graph) -> Mapping:
 
 def _entries(g, names, slots, globs, trainable, info, parent):
     out = Mapping(optimizer=info)
-    by_name = {}
+    by_name, unsure = {}, []
+    known = _known(g)
     for j in names:
         if j in slots or j in globs:
             continue
@@ -337,9 +357,14 @@ def _entries(g, names, slots, globs, trainable, info, parent):
             role = "state"
         elif j in g.var_trainable:
             role = "param" if g.var_trainable[j] else "state"
+        elif known is not None and name in known.roles:
+            role = "state" if known.roles[name] == "state" else "param"
+            frozen = known.roles[name] == "frozen"
         elif trainable:
             role = "param" if j in trainable or leaf not in NON_TRAINABLE else "state"
             frozen = frozen or (role == "param" and j not in trainable)
+            if frozen and leaf not in TRAINABLE_LEAVES:
+                unsure.append(name)
         else:
             role = "state" if leaf in NON_TRAINABLE else "param"
         e = Entry(name, shape, dtype, role, key=g.var_key[j], layer=layer,
@@ -355,7 +380,22 @@ def _entries(g, names, slots, globs, trainable, info, parent):
         shape, dtype = g.keys[g.var_key[j]]
         _add(out, by_name, Entry(f"optimizer/{gname}", shape, dtype, "optimizer",
                                  key=g.var_key[j]), j, g)
+    if unsure:
+        out.notes.append(
+            f"{len(unsure)} variable(s) ({', '.join(unsure[:5])}{', ...' * (len(unsure) > 5)}) are not trained by the optimizer "
+            "and a TF checkpoint does not record whether each is a frozen weight or "
+            "non-trainable state (add_weight(trainable=False)): listed as frozen params; pass "
+            "--model MODEL.keras, with the model's classes registered, for Keras' own roles")
     return out
+
+
+def _known(g):
+    """Keras' own roles for the model's variables, when a config is given and its classes
+    are available (see :mod:`keras_classes`)."""
+    if g.config is None:
+        return None
+    from .keras_classes import from_config
+    return from_config(g.config)
 
 
 def _add(out, by_name, e, node, g):
