@@ -14,6 +14,7 @@ loaded yet (no class can be registered then): listing a file never loads TensorF
 """
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ def from_config(model_json) -> KerasVars | None:
         return None
     from surgeon.core.tf import import_keras
     keras = import_keras()
-    config = {k: model_json[k] for k in ("module", "class_name", "config", "registered_name",
+    config = {k: copy.deepcopy(model_json[k]) for k in ("module", "class_name", "config", "registered_name",
                                          "build_config") if k in model_json}
     try:
         with warnings.catch_warnings():

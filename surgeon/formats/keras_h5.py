@@ -198,10 +198,18 @@ def read_model_json(model) -> dict | None:
     if model.suffix == ".keras":
         from .keras_zip import read_zip_json
         return read_zip_json(model, "config.json")
+    if model.suffix in (".h5", ".hdf5"):  # a full-model legacy .h5 keeps its config
+        return _legacy_config(model)
     try:
         return json.loads(model.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{model}: not a JSON model config: {exc}") from None
+
+
+def _legacy_config(path):
+    from .legacy_h5 import LegacyH5Reader
+    with LegacyH5Reader(path, [open_h5(path, str(path))]) as legacy:
+        return legacy.model_config if legacy._own_config else None
 
 
 def _fitted(reader, model):

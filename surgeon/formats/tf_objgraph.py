@@ -344,7 +344,7 @@ def map_graph(g: Graph) -> Mapping:
 def _entries(g, names, slots, globs, trainable, info, parent):
     out = Mapping(optimizer=info)
     by_name, unsure = {}, []
-    known = _known(g)
+    known = _Known(g)
     for j in names:
         if j in slots or j in globs:
             continue
@@ -357,9 +357,9 @@ def _entries(g, names, slots, globs, trainable, info, parent):
             role = "state"
         elif j in g.var_trainable:
             role = "param" if g.var_trainable[j] else "state"
-        elif known is not None and name in known.roles:
-            role = "state" if known.roles[name] == "state" else "param"
-            frozen = known.roles[name] == "frozen"
+        elif trainable and j not in trainable and name in known().roles:
+            role = "state" if known().roles[name] == "state" else "param"
+            frozen = known().roles[name] == "frozen"
         elif trainable:
             role = "param" if j in trainable or leaf not in NON_TRAINABLE else "state"
             frozen = frozen or (role == "param" and j not in trainable)
@@ -389,13 +389,19 @@ def _entries(g, names, slots, globs, trainable, info, parent):
     return out
 
 
-def _known(g):
-    """Keras' own roles for the model's variables, when a config is given and its classes
-    are available (see :mod:`keras_classes`)."""
-    if g.config is None:
-        return None
-    from .keras_classes import from_config
-    return from_config(g.config)
+class _Known:
+    """Keras' own roles for the model's variables (see :mod:`keras_classes`), built on
+    first use: only when a config is given and its classes are available."""
+
+    def __init__(self, g):
+        self.g, self.value = g, None
+
+    def __call__(self):
+        if self.value is None:
+            from .keras_classes import KerasVars, from_config
+            found = from_config(self.g.config) if self.g.config is not None else None
+            self.value = found or KerasVars()
+        return self.value
 
 
 def _add(out, by_name, e, node, g):
