@@ -201,8 +201,58 @@ def save_more(model, directory, name):
     try:
         model.save(directory / f"{name}.h5")
         out["legacy"] = directory / f"{name}.h5"
-    except (NotImplementedError, ValueError, TypeError):
+    except (NotImplementedError, ValueError, TypeError):  # Keras: no legacy .h5 for it
+        (directory / f"{name}.h5").unlink(missing_ok=True)
         out["legacy"] = None
     tf.saved_model.save(model, str(directory / f"{name}_saved"))
     out["saved"] = directory / f"{name}_saved"
     return out
+
+
+# -- Keras as the oracle ------------------------------------------------------------------
+
+def keras_names(model):
+    """id(variable) -> canonical name, from Keras' own variable paths: the top model's
+    name left out, a nested model's weights prefixed by its layer name (Keras 3 paths of a
+    nested Functional omit it)."""
+    import keras
+    out = {}
+    top = model.name + "/"
+
+    def visit(layer, prefix):
+        for sub in getattr(layer, "layers", []):
+            if isinstance(sub, keras.Model):
+                visit(sub, prefix + sub.name + "/")
+        for v in layer.weights:
+            if id(v) in out:
+                continue
+            path = v.path[len(top):] if v.path.startswith(top) else v.path
+            out[id(v)] = path if path.startswith(prefix) else prefix + path
+
+    visit(model, "")
+    return out
+
+
+def keras_truth(model):
+    """(roles, values, slots) from Keras: canonical name -> 'param' | 'frozen' | 'state'
+    (the layer's own trainable/non-trainable lists, which Keras saves), -> value; slot
+    name ``optimizer/<param>/<slot>`` -> value (Keras names a slot after its param's
+    path, ``adam/<path with _>_<slot>``)."""
+    names = keras_names(model)
+    trainable = {id(v) for v in model.trainable_variables}
+    created = {id(v) for layer in [model] + list(model._flatten_layers())
+               for v in layer._trainable_variables}
+    roles, values = {}, {}
+    for v in model.variables:
+        n = names[id(v)]
+        roles[n] = "param" if id(v) in trainable else "frozen" if id(v) in created else "state"
+        values[n] = np.asarray(v)
+    slots = {}
+    opt = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    for v in opt.variables:
+        leaf = v.path.split("/")[-1]
+        for p in model.trainable_variables:
+            stem = p.path.replace("/", "_") + "_"
+            if leaf.startswith(stem) and leaf[len(stem):].isidentifier():
+                slots[f"optimizer/{names[id(p)]}/{leaf[len(stem):]}"] = np.asarray(v)
+    return roles, values, slots

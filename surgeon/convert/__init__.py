@@ -215,7 +215,7 @@ def _source_model(src, like, label):
         config = src.model_json
     if not config:
         raise SurgeonError(NO_CONFIG.format(label=label))
-    keys = ("class_name", "config", "module", "registered_name")
+    keys = ("class_name", "config", "module", "registered_name", "build_config")
     model, notes = sk.model_from_config({k: config[k] for k in keys if k in config}, label)
     return (model, config.get("compile_config")), notes
 

@@ -352,21 +352,7 @@ def _entries(g, names, slots, globs, trainable, info, parent):
         if parent.get(j) == (0, "save_counter"):  # tf.train.Checkpoint bookkeeping
             continue
         shape, dtype = g.keys[g.var_key[j]]
-        leaf = name.rsplit("/", 1)[-1]
-        if not dtype.startswith(("float", "bfloat", "complex")):
-            role = "state"
-        elif j in g.var_trainable:
-            role = "param" if g.var_trainable[j] else "state"
-        elif trainable and j not in trainable and name in known().roles:
-            role = "state" if known().roles[name] == "state" else "param"
-            frozen = known().roles[name] == "frozen"
-        elif trainable:
-            role = "param" if j in trainable or leaf not in NON_TRAINABLE else "state"
-            frozen = frozen or (role == "param" and j not in trainable)
-            if frozen and leaf not in TRAINABLE_LEAVES:
-                unsure.append(name)
-        else:
-            role = "state" if leaf in NON_TRAINABLE else "param"
+        role, frozen = _role(g, j, name, dtype, frozen, trainable, known, unsure)
         e = Entry(name, shape, dtype, role, key=g.var_key[j], layer=layer,
                   frozen=frozen and role == "param")
         _add(out, by_name, e, j, g)
@@ -381,12 +367,38 @@ def _entries(g, names, slots, globs, trainable, info, parent):
         _add(out, by_name, Entry(f"optimizer/{gname}", shape, dtype, "optimizer",
                                  key=g.var_key[j]), j, g)
     if unsure:
+        roles = {"frozen params" if e.frozen else e.role for e in out.entries if e.name in unsure}
         out.notes.append(
-            f"{len(unsure)} variable(s) ({', '.join(unsure[:5])}{', ...' * (len(unsure) > 5)}) are not trained by the optimizer "
-            "and a TF checkpoint does not record whether each is a frozen weight or "
-            "non-trainable state (add_weight(trainable=False)): listed as frozen params; pass "
-            "--model MODEL.keras, with the model's classes registered, for Keras' own roles")
+            f"{len(unsure)} variable(s) ({', '.join(unsure[:5])}{', ...' * (len(unsure) > 5)}) "
+            "are not trained by the optimizer and a TF checkpoint does not record whether "
+            "each is a frozen weight or non-trainable state (add_weight(trainable=False)): "
+            f"listed as {' or '.join(sorted(roles))}; pass --model MODEL.keras, with the "
+            "model's classes registered, for Keras' own roles")
     return out
+
+
+def _role(g, j, name, dtype, frozen, trainable, known, unsure):
+    """(role, frozen) of a model variable. Trained by the optimizer (or recorded trainable)
+    -> a param; else Keras' own role when the model's classes are available; else by its
+    name: known state (moving_mean, count, ...) or a built-in layer's weight (a frozen
+    kernel); anything else cannot be told apart and is added to ``unsure``."""
+    leaf = name.rsplit("/", 1)[-1]
+    if not dtype.startswith(("float", "bfloat", "complex")):
+        return "state", False
+    if j in trainable or g.var_trainable.get(j):
+        return "param", frozen
+    if not trainable and j not in g.var_trainable:  # no optimizer, no SavedModel record
+        return ("state", False) if leaf in NON_TRAINABLE else ("param", frozen)
+    roles = known().roles
+    if name in roles:
+        return ("state", False) if roles[name] == "state" else ("param", roles[name] == "frozen")
+    if leaf in NON_TRAINABLE or (j in g.var_trainable and g.layer_name):
+        return "state", False  # tf.keras keeps trainable=True on a frozen layer's weights
+    if leaf in TRAINABLE_LEAVES:
+        return "param", True
+    unsure.append(name)
+    # Keras 3 records trainable=False for both; a plain checkpoint records neither
+    return ("state", False) if j in g.var_trainable else ("param", True)
 
 
 class _Known:
