@@ -171,3 +171,16 @@ def test_unsupported_cells_are_one_line_refusals(forms, tmp_path):
     _, plain = forms("plain")
     res = run_cli("convert", nested["ckpt"], out, "--like", plain["keras"])
     assert _refused(res, out) and "by name only" in res.output, res.output
+
+
+def test_diff_says_why_names_differ(forms):
+    """Names a format cannot know (a nested model's name in a TF checkpoint compared with
+    bare weights, no config on either side) are never silently different: diff carries
+    the reader's note."""
+    _, paths = forms("nested")
+    res = run_cli("diff", paths["ckpt"], paths["weights"], "--json")
+    out = json.loads(res.output)
+    assert res.exit_code == 1 and out["equal"] is False
+    assert any(n.startswith("A: nested models") and "--model" in n for n in out["notes"])
+    text = run_cli("diff", paths["ckpt"], paths["weights"]).output
+    assert "note: A: nested models" in text

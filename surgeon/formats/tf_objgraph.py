@@ -193,10 +193,18 @@ def _in_subclassed(g, chain, full):
     if top >= 1 and chain[top][0] == 0 and chain[top - 1][1] == "model":
         top -= 1  # tf.train.Checkpoint(model=...): the model is the root's child
     edges = [e for _, e in chain[:top]][::-1]
-    if not full or any(e.startswith("_") for e in edges):
+    if not full or any(e.startswith("_") for e in edges) or not _keras3(g, chain[top][0]):
         return full
     g.subclassed = True
     return "/".join(edges + [full.rsplit("/", 1)[-1]])
+
+
+def _keras3(g, model):
+    """Is ``model`` a Keras 3 model (compiled: its ``_compiled_trainable_state``, or with a
+    Keras 3 optimizer)? Other trackables (``tf.Module``) keep their variables' TF names."""
+    kids = dict(g.children(model))
+    return "_compiled_trainable_state" in kids or any(
+        "_trainable_variables" in dict(g.children(o)) for o in g.optimizers)
 
 
 def _nested_names(g, chain, models, top_layer, layer_name):
