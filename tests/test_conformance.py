@@ -184,3 +184,19 @@ def test_diff_says_why_names_differ(forms):
     assert any(n.startswith("A: nested models") and "--model" in n for n in out["notes"])
     text = run_cli("diff", paths["ckpt"], paths["weights"]).output
     assert "note: A: nested models" in text
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "saved"])
+def test_tf_format_named_by_the_file_it_is_compared_with(forms, tmp_path, fmt):
+    """No config beside a nested model's TF checkpoint/SavedModel: diffed against the
+    model's legacy .h5 it takes the nested names from that file's config ("equal"), and
+    convert --like MODEL.keras pairs every tensor by name."""
+    model, paths = forms("nested")
+    res = run_cli("diff", paths[fmt], paths["legacy"], "--json")
+    assert json.loads(res.output)["equal"] is True, res.output[-400:]
+    out = tmp_path / "out.keras"
+    res = run_cli("convert", paths[fmt], out, "--like", paths["keras"], "--json")
+    assert res.exit_code == 0, res.output
+    pairs = json.loads(res.output)["pairs"]
+    assert {p["how"] for p in pairs} <= {"name", "slot", "global"}
+    assert {"backbone/inner_a/kernel", "tail/s1/kernel"} <= {p["source"] for p in pairs}
