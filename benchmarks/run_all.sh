@@ -26,6 +26,7 @@ quick_args() {  # small sizes for a smoke run
         scaling) echo "--sizes 64,128,256 --workdir $WORK" ;;
         convert) echo "--size-mb 64" ;;
         resume) echo "--steps 100 --reps 2" ;;
+        merge) echo "--size-mb 128" ;;
         *) echo "" ;;
     esac
 }

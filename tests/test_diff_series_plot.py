@@ -92,6 +92,24 @@ def test_series_plot_png(run, tmp_path):
     assert _imread(png).shape[:2] == (500, 1200)
 
 
+def test_plot_written_atomically(run, tmp_path, monkeypatch):
+    """A plot that fails half-written leaves the previous file intact and no temp behind."""
+    from matplotlib.figure import Figure
+    _, paths, _ = run
+    png = tmp_path / "diff.png"
+    png.write_bytes(b"previous plot")
+
+    def half_written(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    res = run_cli("diff", fixture(BASE), paths[2], "--plot", png)
+    assert res.exit_code == 2 and "cannot write plot: No space left on device" in res.output
+    assert png.read_bytes() == b"previous plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.png"]
+
+
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path):
     code = ("import sys\nsys.modules['matplotlib'] = None\n"
             "from click.testing import CliRunner\nfrom surgeon.cli import main\n"

@@ -19,7 +19,7 @@ ROOT = Path(surgeon.__file__).parent
 # Lowest layer first. A module belongs to the unit with the longest matching prefix.
 LAYERS = [
     ("surgeon.core",),                  # Entry tree, errors, atomic writing
-    ("surgeon.binding",),               # optimizer slots <-> params, layer tables
+    ("surgeon.binding", "surgeon.merging"),  # slots <-> params, layer tables; merge arithmetic
     ("surgeon.formats",),               # one reader/writer module per on-disk format
     ("surgeon.structure",),             # whole-model structural surgery (config + weights + slots)
     ("surgeon.recipe.schema",),         # the recipe's types (OpSpec, Selector, Recipe): ops use them

@@ -204,15 +204,18 @@ def test_shipped_recipe_output_audits_clean(tmp_path, monkeypatch, name):
     assert res.findings == [], [f.to_json() for f in res.findings]
 
 
-@pytest.mark.parametrize("slots", ["reset", "warm"])
-def test_plan_warning_and_audit_agree_on_reset_moments(tmp_path, slots):
+@pytest.mark.parametrize("slots,iteration", [("reset", 1000), ("warm", 1000), ("reset", 150)])
+def test_plan_warning_and_audit_agree_on_reset_moments(tmp_path, slots, iteration):
+    # one rule for both: the first Adam step after zeroed second moments is >= 2x a settled
+    # one (from iteration ~505 with the default betas); at 150 it is ~1.2x, neither speaks
     out = tmp_path / f"{slots}.keras"
-    rec = recipe(input=str(CNN), output=str(out), iteration=1000,
+    rec = recipe(input=str(CNN), output=str(out), iteration=iteration,
                  ops=[reinit("head/*", initializer="default", seed=0, slots=slots)])
     plan, _ = apply(rec, hash_inputs=False)
     warned = any("use slots='warm'" in w for w in plan.warnings)
     flagged = [f.tensor for f in audit_path(out).findings if f.code == "moments-reset"]
-    assert warned == (slots == "reset") and bool(flagged) == (slots == "reset"), (plan.warnings, flagged)
+    expected = slots == "reset" and iteration == 1000
+    assert warned == expected and bool(flagged) == expected, (plan.warnings, flagged)
 
 
 def test_cast_slots_keep_or_follow_audit_clean(tmp_path):

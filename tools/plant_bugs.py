@@ -54,6 +54,9 @@ FILES = {
     "keras_classes": "surgeon/formats/keras_classes.py",
     "tf_objgraph": "surgeon/formats/tf_objgraph.py",
     "diff": "surgeon/inspect/diff.py",
+    "merge_methods": "surgeon/merging/methods.py",
+    "op_merge": "surgeon/ops/merge.py",
+    "lora": "surgeon/train/lora.py",
 }
 
 
@@ -168,6 +171,19 @@ BUGS = [
     Bug("diff-naming-notes-dropped", "diff", "        result.notes = [", "        _ = [",
         ("tests/test_conformance.py::test_diff_says_why_names_differ",),
         "diff shows tensors added/removed without the readers' notes saying why names differ"),
+    Bug("ties-no-sign-election", "merge_methods", "agree = (np.sign(t) == sign) & (t != 0)",
+        "agree = t != 0", ("tests/test_merge_math.py::test_ties_by_hand",),
+        "TIES averages every non-zero task vector instead of those agreeing with the elected sign"),
+    Bug("dare-seed-ignores-tensor", "merge_methods", "zlib.crc32(key.encode())", "0",
+        ("tests/test_merge_math.py::test_dare_seeded_rescaled_and_p0_is_task_arithmetic",),
+        "DARE draws the same drop mask for every tensor of the same shape"),
+    Bug("merge-shape-unchecked", "op_merge", "if tuple(x.shape) != tuple(e.shape):", "if False:",
+        ("tests/test_merge_math.py::test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused",),
+        "merge no longer checks every input's shapes at plan time"),
+    Bug("lora-alpha-from-rank", "lora", "layer.lora_alpha = alphas.get(layer.name, layer.lora_alpha)",
+        "layer.lora_alpha = layer.lora_alpha",
+        ("tests/test_merge.py::test_lora_merge_gives_a_plain_model_with_the_same_outputs",),
+        "lora merge of a TF checkpoint folds with alpha = rank (Keras' loader), not the stored alpha"),
 ]
 
 

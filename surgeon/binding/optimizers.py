@@ -8,6 +8,7 @@ momentums). Checked against ``optimizer.variables`` of the installed Keras (test
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -141,3 +142,31 @@ def class_from_storage_name(storage_name: str) -> str | None:
             return None
         stem = m.group(1)
     return _CLASS_BY_STEM[stem]
+
+
+# -- zeroed second moments ------------------------------------------------------------------
+# Optimizers with Adam's bias correction; the ratio below is the one rule that both
+# ``apply`` (plan warning) and ``audit`` (moments-reset) use.
+ADAM_LIKE = ("Adam", "AdamW", "Nadam", "Lamb", "Adamax")
+RESET_RATIO_LIMIT = 2.0
+
+
+def adam_first_step_ratio(t: int, beta_1=0.9, beta_2=0.999) -> float:
+    """How large Adam's first update after zeroed slots is, relative to a settled one."""
+    t = max(1, t)
+    m_hat = (1 - beta_1) / (1 - beta_1 ** t)
+    v_hat = (1 - beta_2) / (1 - beta_2 ** t)
+    return m_hat / math.sqrt(v_hat)
+
+
+def reset_step_ratio(class_name, config, iteration) -> float | None:
+    """First update after zeroed second moments / a settled update, at stored ``iteration``.
+
+    None when surgeon has no model of the optimizer's correction (callers then fall back to
+    an iteration threshold).
+    """
+    if class_name not in ADAM_LIKE or iteration is None:
+        return None
+    cfg = config or {}
+    return adam_first_step_ratio(int(iteration) + 1, float(cfg.get("beta_1", 0.9)),
+                                 float(cfg.get("beta_2", 0.999)))

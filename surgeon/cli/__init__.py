@@ -59,7 +59,7 @@ def main(verbose):
 
 
 # one module per command group, mirroring the library's packages
-GROUPS = ("inspect", "recipe", "convert", "structure", "train")
+GROUPS = ("inspect", "recipe", "convert", "structure", "train", "merge")
 
 
 def _register_commands():

@@ -134,8 +134,10 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
 @click.option("--model", type=click.Path(), default=None,
               help="For a bare .weights.h5: the .keras or config.json it belongs to (binds slots).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable contract).")
-@click.option("--iteration-threshold", type=int, default=100, show_default=True,
-              help="Report all-zero optimizer slots from this iteration on.")
+@click.option("--iteration-threshold", type=int, default=None,
+              help="Report all-zero second moments from this iteration on. Default: when the "
+                   "first update after them would be >= 2x a settled step (Adam-like optimizers, "
+                   "from the stored betas and iteration; the rule apply warns by), else from 100.")
 @click.option("--norm-threshold", type=float, default=100.0, show_default=True,
               help="Report kernels with RMS x sqrt(fan-in) above this.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")

@@ -50,6 +50,7 @@ def plan_text(plan) -> str:
             lines.append(f"      unmatched target {n} (kept)")
         for n in r["unused_sources"]:
             lines.append(f"      unused source {n}")
+    lines.extend(f"  note: {n}" for n in getattr(plan, "notes", ()))
     touched = len({s.target for s in plan.steps})
     slots = sum(1 for s in plan.steps for _, p in s.slots if p != "keep")
     tensor_part = f"{touched} tensor(s) changed, {slots} slot change(s)"
@@ -77,6 +78,11 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
     from surgeon.recipe.execute import apply
     plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
                         make_dirs=True, hash_inputs=hash_inputs)
+    render(plan, stats, dry_run, as_json)
+
+
+def render(plan, stats, dry_run, as_json):
+    """The plan and what was written, as text or JSON (warnings on stderr)."""
     for w in plan.warnings:
         click.echo(f"surgeon: warning: {w}", err=True)
     if as_json:

@@ -59,6 +59,9 @@ class AuditResult:
     format: str
     checked: int = 0
     findings: list = field(default_factory=list)
+    iteration_threshold: int | None = None
+    norm_threshold: float = 100.0
+    reset_ratio: float | None = None  # first step after zeroed second moments / a settled one
 
     def add(self, code, tensor, message):
         self.findings.append(Finding(CODES[code][0], code, tensor, message))
@@ -175,12 +178,30 @@ def _check_param(reader, result, p, slots, chunk_bytes, iteration, mask=None):
     # the momentum -- what slots="warm" does on purpose.
     reset = [s.slot for s, st in zip(same, sst)
              if st.n and st.zeros == st.n and slot_power(s.slot) == 2]
-    if reset and iteration is not None and iteration >= result.iteration_threshold:
+    if reset and iteration is not None and _reset_matters(result, iteration):
+        ratio = result.reset_ratio
+        size = f"~{ratio:.1f}x" if ratio is not None else "several times"
         result.add("moments-reset", p.name,
                    f"second moments ({', '.join(reset)}) are all zero while iteration={iteration}: "
-                   "bias correction no longer compensates, so the first updates are several times a "
+                   f"bias correction no longer compensates, so the first updates are {size} a "
                    "normal step (warm-reset the slots or restart the iteration count)")
     return 1 + len(same)
+
+
+def _reset_matters(result, iteration) -> bool:
+    """Zeroed second moments are reported by the same rule as apply's plan warning.
+
+    With an explicit ``iteration_threshold`` that threshold decides; otherwise the first
+    update's size (``reset_step_ratio``: Adam-like optimizers, from their betas and the
+    iteration) must reach ``RESET_RATIO_LIMIT``; optimizers without such a model fall back
+    to iteration 100.
+    """
+    from surgeon.binding.optimizers import RESET_RATIO_LIMIT
+    if result.iteration_threshold is not None:
+        return iteration >= result.iteration_threshold
+    if result.reset_ratio is not None:
+        return result.reset_ratio >= RESET_RATIO_LIMIT
+    return iteration >= 100
 
 
 def _masks(reader):
@@ -201,14 +222,16 @@ def _check_alone(reader, result, e, chunk_bytes):
     _values(result, e, st)
 
 
-def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100,
+def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=None,
                      norm_threshold=100.0, model_json=None) -> AuditResult:
     """Run every check on an open reader.
 
     Args:
         reader: from ``open_checkpoint``.
         chunk_bytes: bytes read per chunk (bounds peak memory).
-        iteration_threshold: iteration from which all-zero slots are reported.
+        iteration_threshold: iteration from which all-zero second moments are reported
+            (default: when the first update after them is >= 2x a settled one, the rule
+            ``apply`` warns by; see ``_reset_matters``).
         norm_threshold: ``RMS * sqrt(fan_in)`` above which a kernel's norm is "exploding".
         model_json: the model config (for a bare weights file; a ``.keras`` has its own).
     Returns:
@@ -223,6 +246,10 @@ def audit_checkpoint(reader, *, chunk_bytes=CHUNK_BYTES, iteration_threshold=100
     result.iteration_threshold, result.norm_threshold = iteration_threshold, norm_threshold
     entries = reader.entries()
     iteration = (md.get("optimizer") or {}).get("iterations")
+    from surgeon.binding.optimizers import reset_step_ratio
+    result.reset_ratio = reset_step_ratio((md.get("optimizer") or {}).get("class_name"),
+                                          getattr(getattr(reader, "optimizer", None), "config", None),
+                                          iteration)
     slots = {}
     for e in entries:
         if e.role == "slot" and e.slot_of:

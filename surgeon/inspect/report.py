@@ -154,10 +154,19 @@ def _figure():
 
 
 def _save(fig, path):
+    """Write the PNG like every other output: a temp beside it, fsync, atomic rename (a
+    killed run never leaves a truncated image at ``path``)."""
+    from pathlib import Path
+    from surgeon.core import atomic
+    target = Path(path)
+    tmp = atomic.temp_path(target)
     try:
-        fig.savefig(path, dpi=DPI, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
+        atomic.commit(tmp, target)
     except OSError as exc:
         raise SurgeonError(f"{path}: cannot write plot: {exc.strerror or exc}") from None
+    finally:
+        atomic.discard(tmp)
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .cast import Cast
 from .clip import Clip
 from .mask import Mask
+from .merge import Merge
 from .noise import Noise
 from .reinit import Reinit
 from .rename import Delete, Rename
@@ -14,7 +15,8 @@ from .transplant import Transplant
 from .zero import Zero
 
 OPS = {op.name: op for op in (Zero(), Rescale(), Clip(), Reinit(), Noise(), ShrinkPerturb(),
-                              Cast(), Mask(), Transfer(), Transplant(), Rename(), Delete())}
+                              Cast(), Mask(), Transfer(), Transplant(), Rename(), Delete(),
+                              Merge())}
 
 
 def get(name, where):

@@ -22,7 +22,7 @@ Example (``recipes/reset_head.py``)::
         ops=[reinit("head/*", initializer="default", seed=0)],
     )
 
-Ops: zero, rescale, clip, reinit, noise, shrink_perturb, cast, mask, transfer,
+Ops: zero, rescale, clip, reinit, noise, shrink_perturb, cast, mask, transfer, merge,
 transplant, rename, delete. Each takes ``select`` (a glob on canonical names, ``re:REGEX``,
 or ``select(pattern, layer=, role=, shape=, dtype=)``), ``slots=`` (slot policy:
 keep | reset | warm | follow | transplant, per op) and ``again=True`` to allow touching a
@@ -36,7 +36,7 @@ from .schema import OpSpec, Recipe, Selector, check_iteration, make_selector
 
 __all__ = ["recipe", "select", "op", "zero", "rescale", "clip", "reinit", "noise", "shrink_perturb",
            "cast", "mask", "transfer", "transplant", "rename", "delete", "load_recipe",
-           "apply_overrides", "Recipe", "OpSpec", "Selector", "widen", "deepen", "delete_channels", "prune_channels", "insert_layer", "delete_layer", "replace_layer"]
+           "apply_overrides", "Recipe", "OpSpec", "Selector", "widen", "deepen", "delete_channels", "prune_channels", "insert_layer", "delete_layer", "replace_layer", "merge"]
 
 
 def recipe(input=None, output=None, ops=(), *, iteration="keep", model=None, sources=None):
@@ -117,6 +117,13 @@ def transfer(source, select="*", **params):
 def transplant(source, layers, **params):
     """Copy ``layers`` (and their slots) from ``source`` (see ``surgeon.ops.transplant``)."""
     return declare("transplant", dict(params, source=source, layers=layers), caller_where(1))
+
+
+def merge(models, select="*", **params):
+    """Merge ``models`` (paths or source names; ``"input"``: the recipe's input) into the
+    input's tensors (see ``surgeon.ops.merge``), e.g.
+    ``merge(["ft_a.keras", "ft_b.keras"], base="input", method="ties", density=0.5)``."""
+    return declare("merge", dict(params, models=list(models), select=select), caller_where(1))
 
 
 def op(name, select="*", **params):

@@ -8,7 +8,6 @@ written twice unless an op says ``again=True``) before any tensor value is read.
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from surgeon.core.errors import RecipeError, SurgeonError
 from surgeon.ops import registry
 from surgeon.recipe.schema import spell
 
-ADAM_LIKE = ("Adam", "AdamW", "Nadam", "Lamb", "Adamax")
 
 
 @dataclass
@@ -33,12 +31,14 @@ class Plan:
     warnings: list = field(default_factory=list)
     recipe: str = ""
     structural: list = field(default_factory=list)  # whole-model rewrites run before the steps
+    notes: list = field(default_factory=list)  # what ops say about the whole run (merge: inputs, rules)
 
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "input": self.input, "output": self.output,
                 "format": self.format, "structural": [s["plan"] | {"where": s["where"]} for s in self.structural],
                 "steps": [s.to_json() for s in self.steps],
-                "iteration": self.iteration, "reports": self.reports, "warnings": self.warnings}
+                "iteration": self.iteration, "reports": self.reports, "warnings": self.warnings,
+                "notes": self.notes}
 
 
 class PlanContext:
@@ -53,6 +53,7 @@ class PlanContext:
         self.sources = {}
         self.reports = []
         self.op_index = 0
+        self.notes = []
         self._masks = None
         from surgeon.formats import REGISTRY
         mod, _, writer = REGISTRY.get(reader.format, (None, None, None))
@@ -145,7 +146,7 @@ def make_plan(recipe, ctx: PlanContext, output=None) -> Plan:
     if iteration and iteration.get("target") in written:
         raise RecipeError(f"{recipe.where}: iteration policy and an op both write optimizer/iteration")
     plan = Plan(str(ctx.reader.path), str(output) if output else recipe.output, ctx.reader.format,
-                steps, iteration, ctx.reports, recipe=recipe.path)
+                steps, iteration, ctx.reports, recipe=recipe.path, notes=ctx.notes)
     plan.warnings.extend(_bias_warnings(plan, ctx, recipe.where))
     return plan
 
@@ -206,26 +207,16 @@ def _iteration(recipe, ctx):
     return out
 
 
-def adam_first_step_ratio(t: int, beta_1=0.9, beta_2=0.999) -> float:
-    """How large Adam's first update after zeroed slots is, relative to a settled one."""
-    t = max(1, t)
-    m_hat = (1 - beta_1) / (1 - beta_1 ** t)
-    v_hat = (1 - beta_2) / (1 - beta_2 ** t)
-    return m_hat / math.sqrt(v_hat)
-
-
 def _bias_warnings(plan, ctx, where=None):
     info = ctx.reader.metadata().get("optimizer") or {}
+    from surgeon.binding.optimizers import RESET_RATIO_LIMIT, reset_step_ratio
     cls = info.get("class_name")
-    if cls not in ADAM_LIKE:
-        return []
-    cfg = getattr(ctx.reader, "optimizer", None)
-    cfg = getattr(cfg, "config", {}) or {}
+    cfg = getattr(getattr(ctx.reader, "optimizer", None), "config", {}) or {}
     t = plan.iteration["after"] if plan.iteration else (info.get("iterations") or 0)
-    ratio = adam_first_step_ratio(t + 1, float(cfg.get("beta_1", 0.9)), float(cfg.get("beta_2", 0.999)))
+    ratio = reset_step_ratio(cls, cfg, t)
     reset = sorted({s.target for s in plan.steps for n, p in s.slots
                     if p == "reset" and n.endswith(("/velocity", "/norm"))})
-    if not reset or ratio < 2.0:
+    if ratio is None or not reset or ratio < RESET_RATIO_LIMIT:
         return []
     return [f"{len(reset)} tensor(s) get zeroed {cls} slots at iteration {t} (e.g. {reset[0]}): "
             f"their first updates will be ~{ratio:.1f}x a normal step because bias correction "

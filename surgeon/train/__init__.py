@@ -1,7 +1,8 @@
 """train: the training side -- resume training from a (possibly edited) checkpoint, optimizer
 state included (``resume``), in-training edits (:mod:`~surgeon.train.edits`), the Keras
-``RecipeCallback`` (:mod:`~surgeon.train.callback`, public as ``surgeon.keras``) and
-``tf.distribute`` set-up. The only package that imports TensorFlow/Keras eagerly (modules
+``RecipeCallback`` (:mod:`~surgeon.train.callback`, public as ``surgeon.keras``),
+``tf.distribute`` set-up and LoRA on live models (:mod:`~surgeon.train.lora`: merge,
+extract, ``load_lora``). The only package that imports TensorFlow/Keras eagerly (modules
 import it on use). May import core, binding, formats, ops and recipe (to load a recipe's ops);
 not inspect, convert or cli.
 
