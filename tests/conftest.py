@@ -89,3 +89,21 @@ def fixtures_unchanged():
     changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
     if changed:
         pytest.fail(f"the test session modified fixtures/: {', '.join(changed)}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """zoo(name) -> (trained Keras model, directory holding <name>.keras etc.), built once
+    per session by tests/modern_zoo.py (tiny models saved by Keras itself)."""
+    import modern_zoo
+    built = {}
+    root = tmp_path_factory.mktemp("zoo")
+
+    def get(name):
+        if name not in built:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = modern_zoo.BUILDERS[name]()
+                built[name] = (model, modern_zoo.save(model, root, name))
+        return built[name]
+    return get

@@ -15,22 +15,6 @@ from surgeon.formats import open_checkpoint
 import modern_zoo
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    """zoo(name) -> (trained Keras model, directory holding <name>.keras etc.)."""
-    built = {}
-    root = tmp_path_factory.mktemp("zoo")
-
-    def get(name):
-        if name not in built:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = modern_zoo.BUILDERS[name]()
-                built[name] = (model, modern_zoo.save(model, root, name))
-        return built[name]
-    return get
-
-
 def _vars(model):
     return {v.path: np.asarray(v.numpy()) for v in model.variables}
 

@@ -51,6 +51,9 @@ FILES = {
     "plan": "surgeon/recipe/plan.py",
     "convert": "surgeon/convert/__init__.py",
     "convert_skeleton": "surgeon/convert/skeleton.py",
+    "keras_classes": "surgeon/formats/keras_classes.py",
+    "tf_objgraph": "surgeon/formats/tf_objgraph.py",
+    "diff": "surgeon/inspect/diff.py",
     "merge_methods": "surgeon/merging/methods.py",
     "op_merge": "surgeon/ops/merge.py",
     "lora": "surgeon/train/lora.py",
@@ -74,6 +77,7 @@ class Bug:
 
 T_TREE = "tests/test_keras_tree.py"
 T_SLOTS = "tests/test_slot_policies.py::test_slot_policy_against_keras"
+T_SUB = "tests/test_subclassed.py"
 # the same model saved by Keras as .keras (bound by layout) and legacy .h5 (bound by names)
 T_LEGACY = "tests/test_legacy.py::test_keras3_legacy_writer_matches_keras3_tree"
 BUGS = [
@@ -154,6 +158,24 @@ BUGS = [
     Bug("lambda-not-refused", "convert_skeleton", "name = find_lambda(config)", "name = None",
         ("tests/test_oracles.py::test_lambda_payload_never_runs[convert]",),
         "a Lambda layer's stored bytecode is no longer refused by convert"),
+    Bug("add-weight-state-as-frozen", "keras_classes",
+        '"frozen" if id(v) in created_trainable else "state")', '"frozen")',
+        (f"{T_SUB}::test_names_roles_and_slots_match_keras[keras]",),
+        "a non-trainable add_weight variable of a custom layer listed as a frozen param"),
+    Bug("subclassed-tf-names-from-scope", "tf_objgraph",
+        "        return _in_subclassed(g, chain, full)", "        return full",
+        (f"{T_SUB}::test_names_roles_and_slots_match_keras[ckpt]",),
+        "a subclassed model's TF checkpoint named by its TF name scopes (sub/kernel)"),
+    Bug("tf-untrained-role-guessed-silently", "tf_objgraph", "    unsure.append(name)\n", "",
+        (f"{T_SUB}::test_checkpoint_alone_names_like_keras_and_says_what_it_cannot_tell",),
+        "a TF checkpoint's untrained variable of unknown kind listed as frozen without a note"),
+    Bug("convert-tf-by-order", "convert",
+        'by_order = getattr(src, "format", "") not in TF_FORMATS_WITHOUT_CONFIG', "by_order = True",
+        ("tests/test_conformance.py::test_unsupported_cells_are_one_line_refusals",),
+        "convert pairs a TF checkpoint's nested weights by layer order when names do not fit"),
+    Bug("diff-naming-notes-dropped", "diff", "        result.notes = [", "        _ = [",
+        ("tests/test_conformance.py::test_diff_says_why_names_differ",),
+        "diff shows tensors added/removed without the readers' notes saying why names differ"),
     Bug("ties-no-sign-election", "merge_methods", "agree = (np.sign(t) == sign) & (t != 0)",
         "agree = t != 0", ("tests/test_merge_math.py::test_ties_by_hand",),
         "TIES averages every non-zero task vector instead of those agreeing with the elected sign"),

@@ -88,8 +88,9 @@ def _by_layer(entries):
     return groups
 
 
-def match_weights(src_entries, tgt_entries, notes):
-    """target name -> (source name, how): canonical name first, then layer order + shapes."""
+def match_weights(src_entries, tgt_entries, notes, by_order=True):
+    """target name -> (source name, how): canonical name first, then (``by_order``) layer
+    order + shapes."""
     src, tgt = _weights(src_entries), _weights(tgt_entries)
     by_name = {e.name: e for e in src}
     pairs, used = {}, set()
@@ -102,6 +103,8 @@ def match_weights(src_entries, tgt_entries, notes):
             notes.append(f"{t.name}: same name in the source but shape {s.shape} != {t.shape}")
     # Quantized state moves only by name: its layout differs per format and mode, and
     # same-shaped tensors (an int8 layer's bias and kernel_scale) must never be swapped.
+    if not by_order:
+        return pairs, used
     rest_t = _by_layer([t for t in tgt if t.name not in pairs and not t.quant])
     rest_s = _by_layer([s for s in src if s.name not in used and not s.quant])
     j = 0
@@ -157,7 +160,10 @@ def _fresh_metrics(missing, t_entries, s_entries, report):
 def plan_pairs(src, skel, report, allow_missing):
     """Pair every tensor of the skeleton ``skel`` with one of ``src``."""
     s_entries, t_entries = _without_metrics(src.entries(), skel.entries(), report)
-    wpairs, used = match_weights(s_entries, t_entries, report.notes)
+    # a TF checkpoint names every variable: pairing by layer order could only pair the
+    # wrong tensors (a nested model's weights whose model name the checkpoint lacks)
+    by_order = getattr(src, "format", "") not in TF_FORMATS_WITHOUT_CONFIG
+    wpairs, used = match_weights(s_entries, t_entries, report.notes, by_order)
     src_names = {e.name for e in s_entries}
     missing = []
     for t in t_entries:
@@ -176,9 +182,13 @@ def plan_pairs(src, skel, report, allow_missing):
     missing = [m for m in missing if m not in fresh]
     report.pairs += [Pair(m, None, "kept") for m in fresh]
     if missing and not allow_missing:
+        hint = "" if by_order else (
+            f" (a {src.format} is paired by name only; "
+            + "; ".join(n for n in getattr(src, "mapping", None) and src.mapping.notes or ()
+                        if "nested models" in n)[:300] + ")")
         raise SurgeonError(f"{report.target}: {len(missing)} target tensor(s) have no source "
                            f"(first: {missing[0]}); pass --allow-missing to keep Keras' initial "
-                           "values for them, or --like a model that fits")
+                           f"values for them, or --like a model that fits{hint}")
     report.pairs += [Pair(m, None, "kept") for m in missing]
 
 
@@ -230,7 +240,7 @@ def _source_model(src, like, label):
         config = src.model_json
     if not config:
         raise SurgeonError(NO_CONFIG.format(label=label))
-    keys = ("class_name", "config", "module", "registered_name")
+    keys = ("class_name", "config", "module", "registered_name", "build_config")
     model, notes = sk.model_from_config({k: config[k] for k in keys if k in config}, label)
     return (model, config.get("compile_config")), notes
 
@@ -346,6 +356,7 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     if optimizer not in ("keep", "drop"):
         raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
     from surgeon.core import atomic
+    from surgeon.formats import detect
     fmt = target_format(dst)
     dst = Path(dst)
     atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
@@ -357,7 +368,10 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
     report = ConvertReport(str(src_path), str(dst), fmt)
     tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
     try:
-        with open_checkpoint(src_path, model=model) as src:
+        # a TF source takes its nested models' names from --like MODEL.keras's config
+        namer = model if model is not None or like is None or ":" in str(like) or \
+            detect(src_path) not in TF_FORMATS_WITHOUT_CONFIG else like
+        with open_checkpoint(src_path, model=namer) as src:
             if model is not None and not getattr(src, "model_json", None):
                 from surgeon.formats.keras_h5 import read_model_json
                 src.model_json = read_model_json(model)

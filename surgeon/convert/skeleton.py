@@ -158,7 +158,8 @@ def model_from_like(like):
     from surgeon.formats.keras_zip import read_zip_json
     config = read_zip_json(like, "config.json")
     model, _ = model_from_config({k: config[k] for k in ("class_name", "config", "module",
-                                                         "registered_name") if k in config},
+                                                         "registered_name", "build_config")
+                                  if k in config},
                                  f"--like {like}")
     return model, config.get("compile_config")
 
@@ -211,6 +212,17 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
         model.compile(optimizer=opt, loss=loss)
         opt.build(model.trainable_variables)
     tmpdir = Path(tmpdir)
+    try:
+        return _save(model, fmt, tmpdir)
+    except SurgeonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras refuses to write this model in fmt
+        raise SurgeonError(f"Keras cannot write this model ({model.__class__.__name__}) as "
+                           f"{fmt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                           "; choose another output format (.keras)") from None
+
+
+def _save(model, fmt, tmpdir):
     keras_path = tmpdir / "skeleton.keras"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -229,7 +241,8 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
             return out, None
     if fmt == "tf-checkpoint":
         tf = import_tf()
-        objs = {"model": model} | ({"optimizer": model.optimizer} if opt is not None else {})
+        objs = {"model": model} | ({"optimizer": model.optimizer}
+                                  if getattr(model, "optimizer", None) is not None else {})
         # the .keras twin names the checkpoint's nested models (not recorded in it)
         return Path(tf.train.Checkpoint(**objs).write(str(tmpdir / "skeleton"))), keras_path
     raise SurgeonError(f"cannot write format {fmt!r}")

@@ -18,6 +18,10 @@ DAMAGE = (KeyError, ValueError, OSError, RuntimeError, TypeError, IndexError, At
           OverflowError, RecursionError)
 
 
+def _join_name(layer, leaf):
+    return f"{layer}/{leaf}" if layer else leaf
+
+
 def first_line(exc) -> str:
     """The first non-empty line of an exception's message (or its type name)."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
@@ -77,8 +81,9 @@ class KerasH5Reader:
                                           (cfg or {}).get("trainable", True), with_config)
         self._objects = root if with_config else None  # for the --model fit check
         qnotes = []
+        known = self._keras_classes(root, model_json, qnotes)
         entries, trainable, candidates, certain = keras_layout.layer_entries(
-            self._root, root, with_config, qnotes)
+            self._root, root, with_config, qnotes, known)
         opt_cfg = ((model_json or {}).get("compile_config") or {}).get("optimizer")
         if isinstance(opt_cfg, str):
             opt_cfg = {"class_name": opt_cfg, "config": {}}
@@ -92,6 +97,27 @@ class KerasH5Reader:
             if e.name in self._by_name:
                 raise FormatError(f"{self.label}: two tensors map to the canonical name {e.name!r}")
             self._by_name[e.name] = e
+
+    def _keras_classes(self, root, model_json, notes):
+        """Keras' own names and roles for layers surgeon has no table for (or None)."""
+        unknown = keras_layout.unknown_layers(root)
+        if not unknown:
+            return None
+        from . import keras_classes
+        known = keras_classes.from_config(model_json) if model_json is not None else None
+        if known is not None and all(len(known.by_path.get(o.path, ())) == len(o.var_keys)
+                                     for o in keras_layout.walk(root) if o.var_keys):
+            return known
+        o = unknown[0]
+        notes.append(
+            f"{len(unknown)} layer(s) of classes surgeon has no table for (first: "
+            f"{o.canon or '(model)'}, {o.cls or 'unknown class'}): the file records neither "
+            "their variables' names nor which are trainable; listed by position "
+            f"({_join_name(o.canon, '0')}, ...) as params, slots bound by shape only. Import "
+            "the module registering the class (keras.saving.register_keras_serializable) and "
+            "call surgeon from Python to name them as Keras does"
+            + ("" if model_json is not None else " (with --model)"))
+        return None
 
     # -- reader protocol ---------------------------------------------------------------
     def entries(self):
@@ -172,10 +198,18 @@ def read_model_json(model) -> dict | None:
     if model.suffix == ".keras":
         from .keras_zip import read_zip_json
         return read_zip_json(model, "config.json")
+    if model.suffix in (".h5", ".hdf5"):  # a full-model legacy .h5 keeps its config
+        return _legacy_config(model)
     try:
         return json.loads(model.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{model}: not a JSON model config: {exc}") from None
+
+
+def _legacy_config(path):
+    from .legacy_h5 import LegacyH5Reader
+    with LegacyH5Reader(path, [open_h5(path, str(path))]) as legacy:
+        return legacy.model_config if legacy._own_config else None
 
 
 def _fitted(reader, model):

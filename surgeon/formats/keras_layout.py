@@ -122,9 +122,20 @@ def walk(obj):
         yield from walk(c)
 
 
-def _names(h5, obj, with_config, notes):
-    """``[(name, trainable, certain, quant)]`` for an object's stored variables."""
+def unknown_layers(root):
+    """Objects storing variables whose class surgeon has no table for (custom layers,
+    subclassed models): their variable names and roles are not in the file."""
+    return [o for o in walk(root) if o.var_keys and not layers.max_vars(o.cls)
+            and o.cls not in quantized.SPECS]
+
+
+def _names(h5, obj, with_config, notes, known=None):
+    """``[(name, trainable, certain, quant, frozen)]`` for an object's stored variables;
+    ``known`` (from :mod:`keras_classes`) names them as Keras does."""
     n = len(obj.var_keys)
+    if known is not None and len(known.by_path.get(obj.path, ())) == n:
+        return [(nm, role != "state", True, "", role == "frozen")
+                for nm, role in known.by_path[obj.path]]
     cfg = obj.config if with_config else None
     mode = quantized.mode_of(cfg)
     ints = [k for k in obj.var_keys if h5[k].dtype.kind in "iu"]
@@ -147,14 +158,15 @@ def _names(h5, obj, with_config, notes):
     return [(nm, tr, True, q, False) for nm, tr, q in named]
 
 
-def layer_entries(h5, root, with_config, notes=None):
-    """Entries for every model variable, and the trainable order [(name, shape)]."""
+def layer_entries(h5, root, with_config, notes=None, known=None):
+    """Entries for every model variable, and the trainable order [(name, shape)] (Keras'
+    own order when ``known`` gives it)."""
     entries, trainable, candidates, certain = [], [], [], True
     notes = [] if notes is None else notes
     for obj in walk(root):
         if not obj.var_keys:
             continue
-        names = _names(h5, obj, with_config, notes)
+        names = _names(h5, obj, with_config, notes, known)
         for key, (vname, is_trainable, sure, quant, frozen) in zip(obj.var_keys, names):
             ds = h5[key]
             name = _join(obj.canon, vname)
@@ -168,6 +180,10 @@ def layer_entries(h5, root, with_config, notes=None):
                 candidates.append((name, e.shape))
                 if not frozen:
                     trainable.append((name, e.shape))
+    if known is not None:
+        by_key = {e.key: e for e in entries}
+        trainable = [(by_key[k].name, by_key[k].shape) for k in (
+            _join(path, "vars", str(i)) for path, i in known.trainable)]
     return entries, trainable, candidates, certain
 
 

@@ -21,6 +21,7 @@ import re
 from collections import deque
 
 from surgeon.core.tree import Entry, OptimizerInfo, slot_name
+from surgeon.binding.layers import _TRAINABLE
 from .tf_v1names import NON_TRAINABLE, Mapping
 
 VALUE = "VARIABLE_VALUE"
@@ -30,6 +31,8 @@ SLOT_NAMES = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat", "rms": "
               "accum_update": "accumulated_delta_var"}
 GLOBAL_NAMES = {"iter": "iteration", "_iterations": "iteration", "iterations": "iteration",
                 "_learning_rate": "learning_rate"}
+# Leaf names of weights built-in layers create trainable (a frozen layer's kernel).
+TRAINABLE_LEAVES = {n for names in _TRAINABLE.values() for n in names}
 _GENERIC = re.compile(r"^Variable(_\d+)?$")
 _LEGACY_CLASSES = {"Adam": "Adam", "RMSProp": "RMSprop", "RMSprop": "RMSprop",
                    "Momentum": "SGD", "SGD": "SGD", "Adagrad": "Adagrad", "Ftrl": "Ftrl",
@@ -41,7 +44,7 @@ class Graph:
 
     def __init__(self, proto, keys, saved_nodes=None, config=None):
         self.nodes = proto.nodes
-        self.config, self.unnamed = config, False
+        self.config, self.unnamed, self.subclassed = config, False, False
         self.keys = keys
         self.var_key, self.full_name, self.hidden = {}, {}, []
         for i, n in enumerate(self.nodes):
@@ -164,7 +167,7 @@ def _in_model(g, parent, layer, full):
         node = parent[node][0] if parent.get(node) else None
     models = [k for k, (n, e) in enumerate(chain) if _is_model(g, n) and e != "_functional"]
     if not models:
-        return full
+        return _in_subclassed(g, chain, full)
     below = [k for k in range(models[0]) if not _is_list(g, chain[k][0])
              and not _is_model(g, chain[k][0])]
     parts = full.split("/")
@@ -178,6 +181,30 @@ def _in_model(g, parent, layer, full):
         g.unnamed = True
         return full
     return "/".join(names + rel)
+
+
+def _in_subclassed(g, chain, full):
+    """A variable of a subclassed model: its TF name is the name scope it happened to be
+    created in (``sub/kernel`` for a sublayer built inside the model's ``call``), so the
+    layer part comes from the graph: the attributes from the model down to the owner
+    (``body``, ``gate``), which are the layer names when each layer is held by an
+    attribute of its own name; the leaf is the variable's own name (``add_weight``)."""
+    top = len(chain) - 1
+    if top >= 1 and chain[top][0] == 0 and chain[top - 1][1] == "model":
+        top -= 1  # tf.train.Checkpoint(model=...): the model is the root's child
+    edges = [e for _, e in chain[:top]][::-1]
+    if not full or any(e.startswith("_") for e in edges) or not _keras3(g, chain[top][0]):
+        return full
+    g.subclassed = True
+    return "/".join(edges + [full.rsplit("/", 1)[-1]])
+
+
+def _keras3(g, model):
+    """Is ``model`` a Keras 3 model (compiled: its ``_compiled_trainable_state``, or with a
+    Keras 3 optimizer)? Other trackables (``tf.Module``) keep their variables' TF names."""
+    kids = dict(g.children(model))
+    return "_compiled_trainable_state" in kids or any(
+        "_trainable_variables" in dict(g.children(o)) for o in g.optimizers)
 
 
 def _nested_names(g, chain, models, top_layer, layer_name):
@@ -324,7 +351,8 @@ def map_graph(g: Graph) -> Mapping:
 
 def _entries(g, names, slots, globs, trainable, info, parent):
     out = Mapping(optimizer=info)
-    by_name = {}
+    by_name, unsure = {}, []
+    known = _Known(g)
     for j in names:
         if j in slots or j in globs:
             continue
@@ -332,16 +360,7 @@ def _entries(g, names, slots, globs, trainable, info, parent):
         if parent.get(j) == (0, "save_counter"):  # tf.train.Checkpoint bookkeeping
             continue
         shape, dtype = g.keys[g.var_key[j]]
-        leaf = name.rsplit("/", 1)[-1]
-        if not dtype.startswith(("float", "bfloat", "complex")):
-            role = "state"
-        elif j in g.var_trainable:
-            role = "param" if g.var_trainable[j] else "state"
-        elif trainable:
-            role = "param" if j in trainable or leaf not in NON_TRAINABLE else "state"
-            frozen = frozen or (role == "param" and j not in trainable)
-        else:
-            role = "state" if leaf in NON_TRAINABLE else "param"
+        role, frozen = _role(g, j, name, dtype, frozen, trainable, known, unsure)
         e = Entry(name, shape, dtype, role, key=g.var_key[j], layer=layer,
                   frozen=frozen and role == "param")
         _add(out, by_name, e, j, g)
@@ -355,7 +374,54 @@ def _entries(g, names, slots, globs, trainable, info, parent):
         shape, dtype = g.keys[g.var_key[j]]
         _add(out, by_name, Entry(f"optimizer/{gname}", shape, dtype, "optimizer",
                                  key=g.var_key[j]), j, g)
+    if unsure:
+        roles = {"frozen params" if e.frozen else e.role for e in out.entries if e.name in unsure}
+        out.notes.append(
+            f"{len(unsure)} variable(s) ({', '.join(unsure[:5])}{', ...' * (len(unsure) > 5)}) "
+            "are not trained by the optimizer and a TF checkpoint does not record whether "
+            "each is a frozen weight or non-trainable state (add_weight(trainable=False)): "
+            f"listed as {' or '.join(sorted(roles))}; pass --model MODEL.keras, with the "
+            "model's classes registered, for Keras' own roles")
     return out
+
+
+def _role(g, j, name, dtype, frozen, trainable, known, unsure):
+    """(role, frozen) of a model variable. Trained by the optimizer (or recorded trainable)
+    -> a param; else Keras' own role when the model's classes are available; else by its
+    name: known state (moving_mean, count, ...) or a built-in layer's weight (a frozen
+    kernel); anything else cannot be told apart and is added to ``unsure``."""
+    leaf = name.rsplit("/", 1)[-1]
+    if not dtype.startswith(("float", "bfloat", "complex")):
+        return "state", False
+    if j in trainable or g.var_trainable.get(j):
+        return "param", frozen
+    if not trainable and j not in g.var_trainable:  # no optimizer, no SavedModel record
+        return ("state", False) if leaf in NON_TRAINABLE else ("param", frozen)
+    roles = known().roles
+    if name in roles:
+        return ("state", False) if roles[name] == "state" else ("param", roles[name] == "frozen")
+    if leaf in NON_TRAINABLE or (j in g.var_trainable and g.layer_name):
+        return "state", False  # tf.keras keeps trainable=True on a frozen layer's weights
+    if leaf in TRAINABLE_LEAVES:
+        return "param", True
+    unsure.append(name)
+    # Keras 3 records trainable=False for both; a plain checkpoint records neither
+    return ("state", False) if j in g.var_trainable else ("param", True)
+
+
+class _Known:
+    """Keras' own roles for the model's variables (see :mod:`keras_classes`), built on
+    first use: only when a config is given and its classes are available."""
+
+    def __init__(self, g):
+        self.g, self.value = g, None
+
+    def __call__(self):
+        if self.value is None:
+            from .keras_classes import KerasVars, from_config
+            found = from_config(self.g.config) if self.g.config is not None else None
+            self.value = found or KerasVars()
+        return self.value
 
 
 def _add(out, by_name, e, node, g):

@@ -189,6 +189,9 @@ def diff_checkpoints(ra, rb, *, atol=0.0, rtol=0.0, only=None, ignore_optimizer=
                                              eb.slot_of, eb.slot, shape_b=tuple(eb.shape),
                                              dtype_b=eb.dtype, size=eb.size))
     _flag_slots(result.tensors)
+    if any(t.status in ("added", "removed") for t in result.tensors):
+        result.notes = [f"{side}: {n}" for side, r in (("A", ra), ("B", rb))
+                        for n in (r.metadata().get("notes") or [])]
     from surgeon.formats.assets import differ
     result.assets = differ(ra, rb)
     return result
@@ -244,7 +247,9 @@ def _partner(path, other):
     ``.keras`` file, it takes them from that file's config (only where the config fits the
     checkpoint's structure and layer names, see ``formats.tf_objgraph``)."""
     from surgeon.formats import detect
-    if detect(path) in ("tf-checkpoint", "saved-model") and detect(other) == "keras":
+    if detect(path) not in ("tf-checkpoint", "saved-model"):
+        return None
+    if detect(other) in ("keras", "legacy-h5"):  # a full-model legacy .h5 keeps its config
         return other
     return None
 

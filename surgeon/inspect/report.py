@@ -97,6 +97,7 @@ def diff_text(result, show_all=False) -> str:
                          + (f"  {_shape_note(t)}" if _shape_note(t) else ""))
     for t in result.flags():
         lines.append(f"flag: {t.name}: {t.flag}")
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 
 
@@ -116,6 +117,8 @@ def diff_markdown(result, show_all=False) -> str:
     flags = result.flags()
     if flags:
         lines += ["", "Flags:"] + [f"- `{t.name}`: {t.flag}" for t in flags]
+    if result.notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in result.notes]
     return "\n".join(lines)
 
 

@@ -115,6 +115,9 @@ class DiffResult:
     rtol: float
     tensors: list = field(default_factory=list)
     assets: list = field(default_factory=list)  # [(assets/... member, status)] that differ
+    # the readers' notes ("A: ...", "B: ...") when tensors are only on one side: why names
+    # may differ (a TF checkpoint without nested-model names, an unknown layer class)
+    notes: list = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -150,4 +153,5 @@ class DiffResult:
                 "tensors": [t.to_json() for t in self.tensors],
                 "assets": [{"member": m, "status": st} for m, st in self.assets],
                 "layers": [ld.to_json() for ld in self.layers()],
-                "flags": [{"tensor": t.name, "message": t.flag} for t in self.flags()]}
+                "flags": [{"tensor": t.name, "message": t.flag} for t in self.flags()],
+                "notes": list(self.notes)}
