@@ -99,3 +99,32 @@ def test_unavailable_class_is_labelled_not_guessed(zoo, tmp_path):
     out = json.loads(res.output)
     assert any("records neither their variables' names nor which are trainable" in n
                for n in out["notes"]), out["notes"]
+
+
+def test_resume_continues_like_fit(zoo, tmp_path):
+    """`surgeon resume` of a subclassed model from the shell: the --data module registers
+    the classes (as a user's module does) before the checkpoint is read, so the variables
+    get Keras' names and the model's own add_weight slots bind; then it trains like fit."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from conftest import ROOT
+    _, d = zoo("subclassed")
+    user = tmp_path / "user.py"
+    user.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+                    "import modern_zoo\nmodern_zoo._classes()\n\n"
+                    "def data():\n    return modern_zoo.X, modern_zoo.Y\n")
+    out = tmp_path / "more.keras"
+    r = subprocess.run([sys.executable, "-m", "surgeon", "resume", str(d / "subclassed.keras"),
+                        "--data", f"{user}:data", "--steps", "2", "--batch-size", "8", "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import modern_zoo
+    want = keras.saving.load_model(d / "subclassed.keras")
+    want.fit(modern_zoo.X, modern_zoo.Y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    got = keras.saving.load_model(out)
+    assert int(got.optimizer.iterations) == int(want.optimizer.iterations) == 4
+    for a, b in zip(want.weights + want.optimizer.variables, got.weights + got.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7, err_msg=a.path)

@@ -79,7 +79,7 @@ def _walk(model):
                 return None  # a computed value (e.g. a merged LoRA kernel): no name
             role = ("param" if id(v) in trainable_ids else
                     "frozen" if id(v) in created_trainable else "state")
-            rows.append((v.name, role))
+            rows.append((v.name.rsplit("/", 1)[-1], role))  # 'sub_1/scale' when rebuilt twice
             out.by_keras_path[v.path] = (path, i)
         out.by_path[path] = rows
         layer = _canon(store.names, path)

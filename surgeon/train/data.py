@@ -34,14 +34,19 @@ def load_callable(spec: str, what: str = "--data"):
     """``pkg.module:function`` or ``path/to/file.py:function`` -> the function."""
     mod_part, func_name, path = check_spec(spec, what)
     if path is not None:
+        # one module per file and process: a second load (the data module imported early to
+        # register its Keras classes, then asked for its function) must not run it again
         name = f"surgeon_user_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise SurgeonError(f"{spec}: {what}: importing {path} failed: {exc}") from None
+        module = sys.modules.get(name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise SurgeonError(f"{spec}: {what}: importing {path} failed: {exc}") from None
     else:
         try:
             module = importlib.import_module(mod_part)

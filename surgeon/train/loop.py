@@ -89,14 +89,25 @@ def _strategy(strategy):
     return strategy
 
 
+def _import_user_modules(model, data):
+    """Import the ``--model``/``--data`` modules before the checkpoint is opened: the Keras
+    classes they register (subclassed models, custom layers) let the reader name those
+    variables as Keras does instead of by position."""
+    from .data import load_callable
+    for spec, what in ((model, "--model"), (data, "--data")):
+        if isinstance(spec, str) and ":" in spec and not spec.endswith((".keras", ".json")):
+            load_callable(spec, what)
+
+
 def _prepare(checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
-             seed, edits, edit_every, masks):
+             seed, edits, edit_every, masks, data=None):
     keras = import_keras()
     from . import mapping, masks as masks_mod, restore
     from .edits import EditProgram, as_edits
 
     if seed is not None:
         keras.utils.set_random_seed(int(seed))
+    _import_user_modules(model, data)
     reader, kmodel = _open(checkpoint, model, strategy, custom_objects)
     try:
         with strategy.scope():
@@ -237,7 +248,7 @@ def resume(checkpoint, *, data, steps, output=None, model=None, every=None, seed
     strategy = _strategy(strategy)
     reader, kmodel, vm, rep, mset, program = _prepare(
         checkpoint, model, strategy, custom_objects, allow_missing, reset_optimizer,
-        seed, edits, edit_every, masks)
+        seed, edits, edit_every, masks, data)
     try:
         return _train(reader, kmodel, vm, rep, mset, program, data, steps, output, every,
                       seed, batch_size, strategy, skip_consumed, jit_compile, on_step, write,

@@ -54,6 +54,8 @@ def _recording_store():
 
 
 def _canonical_layer(path, names):
+    if not path:  # the model's own add_weight variables: bare names, as the readers list them
+        return ""
     parts, prefix = [], []
     for piece in path.split("/"):
         prefix.append(piece)
@@ -74,6 +76,8 @@ def model_variables(model) -> tuple[dict, dict]:
         layer_path = key.rsplit("/vars/", 1)[0] if "/vars/" in key else ""
         canon = _canonical_layer(layer_path, store.names)
         vname = getattr(var, "name", None)
+        if vname is not None:  # Keras forbids "/" in a variable's own name; a model built
+            vname = vname.rsplit("/", 1)[-1]  # twice in a process reads 'sub_1/scale'
         if vname is None or not hasattr(var, "assign"):
             raise BindingError(f"{key}: layer saves a computed value, not a variable; "
                                "surgeon cannot restore it in place")
