@@ -21,8 +21,9 @@ and says so in one line on stderr. Only the bytes that change are written: an ed
 the bytes it touches (twice, journal and file), not the size of the file.
 
 ``SURGEON_TEST_CRASH_AT=N[:half]`` (tests only) kills the process with SIGKILL at the
-N-th step of ``commit`` (each write, truncate, fsync, unlink; ``:half`` writes half of the
-N-th write first), to check the invariant above (tests/test_inplace.py).
+N-th step of ``commit`` (from 0: each write, truncate, fsync, unlink; ``:half`` writes half
+of that write first), or at the first step of a kind (``journal``, ``patch``, ``truncate``,
+``fsync``, ``unlink``), to check the invariant above (tests/test_inplace.py).
 """
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def _step(fn, *args):
     at = os.environ.get("SURGEON_TEST_CRASH_AT")
     if at:
         n, _, how = at.partition(":")
-        if _steps == int(n):
+        if (_steps == int(n)) if n.isdigit() else (_KIND.get(fn) == n):
             if how == "half" and fn in (_write_all, _pwrite_all):
                 fn(*args[:1], args[1][:len(args[1]) // 2], *args[2:])
             import signal
@@ -280,6 +281,10 @@ def commit(overlay: Overlay) -> int:
     _step(os.unlink, jpath)
     _fsync_dir(jpath)
     return written
+
+
+_KIND = {_write_all: "journal", _pwrite_all: "patch", os.ftruncate: "truncate",
+         os.fsync: "fsync", os.unlink: "unlink"}  # names for SURGEON_TEST_CRASH_AT
 
 
 # -- recovery -----------------------------------------------------------------------------
