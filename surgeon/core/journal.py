@@ -62,6 +62,7 @@ class Overlay(io.RawIOBase):
         self.size = self.base_size
         self._limit = self.base_size  # base bytes at or past this offset read as zeros
         self._pages = {}
+        self._diffs = {}  # page -> (end, differing span of the page), until it is written
         self._pos = 0
 
     # file protocol (h5py and zipfile use these)
@@ -102,6 +103,7 @@ class Overlay(io.RawIOBase):
             last = self._pages.get(size // PAGE)
             if last is not None:
                 last[size % PAGE:] = bytes(PAGE - size % PAGE)
+            self._diffs.clear()
             self._limit = min(self._limit, size)
         self.size = size
         return size
@@ -131,13 +133,19 @@ class Overlay(io.RawIOBase):
 
     def pread(self, off, n) -> bytes:
         n = max(0, min(n, self.size - off))
-        out = bytearray()
-        while n > 0:
-            i, o = divmod(off, PAGE)
-            k = min(n, PAGE - o)
+        out = bytearray(n)
+        view, pos = memoryview(out), 0
+        while pos < n:
+            i, o = divmod(off + pos, PAGE)
+            k = min(n - pos, PAGE - o)
             p = self._pages.get(i)
-            out += p[o:o + k] if p is not None else self._base(off, k)
-            off, n = off + k, n - k
+            if p is None:  # a run of pages not in memory: one read
+                while pos + k < n and (off + pos + k) // PAGE not in self._pages:
+                    k = min(n - pos, k + PAGE)
+                view[pos:pos + k] = self._base(off + pos, k)
+            else:
+                view[pos:pos + k] = memoryview(p)[o:o + k]
+            pos += k
         return bytes(out)
 
     def pwrite(self, off, data):
@@ -149,34 +157,65 @@ class Overlay(io.RawIOBase):
             i, o = divmod(off + pos, PAGE)
             k = min(len(data) - pos, PAGE - o)
             self._page(i, whole=(o == 0 and k == PAGE))[o:o + k] = data[pos:pos + k]
+            self._diffs.pop(i, None)
             pos += k
         self.size = max(self.size, off + len(data))
 
     # what changed
-    def changes(self):
+    def changes(self, lo=0, hi=None):
         """``(spans, tail)``: ``spans`` = [(offset, old bytes, new bytes)] inside the part of
-        the file kept as it was (below ``tail``), merged when close; ``tail``: the offset
-        from which the old content is dropped (the file is cut there, then the new bytes
-        past it appended)."""
+        the file kept as it was (below ``tail``; only pages between ``lo`` and ``hi`` when
+        given), merged when close; ``tail``: the offset from which the old content is
+        dropped (the file is cut there, then the new bytes past it appended)."""
         tail = min(self._limit, self.base_size)
+        end = min(tail, self.size, hi if hi is not None else tail)
+        pages = [i for i in sorted(self._pages) if lo // PAGE <= i and i * PAGE < end]
+        for run in _runs([i for i in pages if self._diffs.get(i, (None,))[0] != end], 256):
+            self._compare(run, end)  # consecutive pages, 16 MB at a time
         spans = []
-        for i in sorted(self._pages):
-            start = i * PAGE
-            end = min(start + PAGE, tail, self.size)
-            if start >= end:
+        for i in pages:
+            span = self._diffs[i][1]
+            if span is None:
                 continue
-            new = np.frombuffer(self._pages[i], np.uint8, end - start)
-            old = np.frombuffer(os.pread(self._f.fileno(), end - start, start), np.uint8)
-            diff = np.flatnonzero(new != old)
-            if not diff.size:
-                continue
-            a, b = start + int(diff[0]), start + int(diff[-1]) + 1
+            a, b = i * PAGE + span[0], i * PAGE + span[1]
             if spans and a - spans[-1][1] < MERGE_GAP:
                 spans[-1][1] = b
             else:
                 spans.append([a, b])
         out = [(a, os.pread(self._f.fileno(), b - a, a), self.pread(a, b - a)) for a, b in spans]
         return out, tail
+
+    def _compare(self, run, end):
+        """Record, for each page of ``run`` (below ``end``), the span of its bytes that
+        differ from the file's (None: none): the first and last differing bytes for pages
+        at the edges of a changed stretch, the whole page inside one."""
+        start, stop = run[0] * PAGE, min((run[-1] + 1) * PAGE, end)
+        new = np.frombuffer(b"".join(self._pages[i] for i in run), np.uint8)[:stop - start]
+        old = np.frombuffer(os.pread(self._f.fileno(), stop - start, start), np.uint8)
+        differ = np.zeros(len(run) * PAGE, bool)
+        differ[:stop - start] = new != old
+        differ = differ.reshape(len(run), PAGE)
+        changed = differ.any(1)
+        for k, i in enumerate(run):
+            span = None
+            if changed[k]:
+                inner = 0 < k < len(run) - 1 and changed[k - 1] and changed[k + 1]
+                row = differ[k]
+                span = (0, PAGE) if inner else \
+                    (int(row.argmax()), PAGE - int(row[::-1].argmax()))
+            self._diffs[i] = (end, span)
+
+
+def _runs(pages, most):
+    """Split sorted page numbers into runs of consecutive pages, at most ``most`` long."""
+    run = []
+    for i in pages:
+        if run and (i != run[-1] + 1 or len(run) == most):
+            yield run
+            run = []
+        run.append(i)
+    if run:
+        yield run
 
 
 # -- commit -------------------------------------------------------------------------------

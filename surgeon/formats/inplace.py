@@ -148,7 +148,7 @@ class InPlaceZipWriter(InPlaceH5Writer):
         crc = self._w.CRC
         if size > old:  # the old bytes followed by zeros, then the growth as a change
             crc = crc32_combine(crc, crc32_zeros(size - old), size - old)
-        spans, _ = self._ov.changes()
+        spans, _ = self._ov.changes(start, start + old)
         pieces = [(a - start, o, n) for a, o, n in spans if start <= a < start + old]
         if size > old:
             pieces.append((old, bytes(size - old), self._ov.pread(start + old, size - old)))
