@@ -41,7 +41,7 @@ IN_PLACE_WALL = 0.8
 
 def routes(stem: Path, work: Path, layer: str, last: str):
     surgeon = [PY, "-m", "surgeon"]
-    src, twin = stem.with_suffix(".keras"), work / "twin.keras"
+    src, twin = stem.with_suffix(".keras"), work / f"{stem.name}_twin.keras"
     recipe = work / "edit_one.py"
     recipe.write_text(textwrap.dedent(f"""\
         from surgeon.recipe import recipe, rescale
@@ -50,7 +50,7 @@ def routes(stem: Path, work: Path, layer: str, last: str):
     if not twin.exists():
         shutil.copyfile(src, twin)
     out = work / "out.keras"
-    inplace = work / "inplace.keras"
+    inplace = work / f"{stem.name}_inplace.keras"
     if not inplace.exists():
         shutil.copyfile(src, inplace)
     return out, {

@@ -13,7 +13,6 @@ on fixtures/structure/mlp_adam.keras (a few kB):
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,21 @@ MODEL = ROOT / "fixtures" / "structure" / "mlp_adam.keras"
 GOAL = 1.5
 
 
+PROBE = """\
+import runpy, sys
+sys.argv = ["surgeon"] + sys.argv[1:]
+try:
+    runpy.run_module("surgeon", run_name="__main__")
+except SystemExit:
+    pass
+print("TF:" + str(any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules)))
+"""
+
+
 def imports_tf(cmd) -> bool:
-    res = subprocess.run([PY, "-X", "importtime", *cmd], capture_output=True, text=True)
-    return any(re.search(r"\|\s+(tensorflow|keras)$", line.rstrip()) for line in res.stderr.splitlines())
+    """Whether ``python -m surgeon ARGS`` (``cmd``) imported TensorFlow or Keras."""
+    res = subprocess.run([PY, "-c", PROBE, *cmd[2:]], capture_output=True, text=True)
+    return "TF:True" in res.stdout
 
 
 def main(argv=None):
