@@ -47,12 +47,12 @@ def routes(stem: Path, work: Path, layer: str, last: str):
         from surgeon.recipe import recipe, rescale
         RECIPE = recipe(ops=[rescale("{layer}/*", factor=0.5, slots="follow")])
         """))
-    if not twin.exists():
-        shutil.copyfile(src, twin)
+    for copy in (twin, work / f"{stem.name}_inplace.keras"):
+        if not copy.exists() or copy.stat().st_size != src.stat().st_size:
+            shutil.copyfile(src, f"{copy}.part")  # renamed when whole: a killed run leaves no stub
+            os.replace(f"{copy}.part", copy)
     out = work / "out.keras"
     inplace = work / f"{stem.name}_inplace.keras"
-    if not inplace.exists():
-        shutil.copyfile(src, inplace)
     return out, {
         "cp + sync": ["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'],
         "apply": surgeon + ["apply", recipe, "-i", src, "-o", out, "--no-progress"],
