@@ -93,6 +93,23 @@ def test_incomplete_journal_is_dropped_without_touching_the_file(tmp_path):
     assert path.read_bytes() == old and not journal.journal_path(path).exists()
 
 
+def test_keras_zip_crc_is_updated_in_both_headers(tmp_path):
+    """TF-free: after an in-place edit every member's CRC checks, from the central
+    directory (what zipfile and Keras read) and from the weights' local header."""
+    import struct
+    import zlib
+    path = _copy(KERAS, tmp_path)
+    assert run_cli("apply", _recipe(tmp_path), "-i", path, "--in-place").exit_code == 0
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+        info = zf.getinfo("model.weights.h5")
+        data = zf.read(info)
+    raw = path.read_bytes()
+    local_crc = struct.unpack_from("<L", raw, info.header_offset + 14)[0]
+    assert info.CRC == local_crc == zlib.crc32(data)
+    assert data != zipfile.ZipFile(KERAS).read("model.weights.h5")
+
+
 # -- Keras loads the edited file -------------------------------------------------------------
 @pytest.mark.parametrize("src,model", [(KERAS, None), (WEIGHTS, KERAS), (LEGACY, None)],
                          ids=["keras", "weights-h5", "legacy-h5"])
