@@ -69,6 +69,13 @@ def main(argv=None):
     s, k = res["surgeon convert"], res["keras load + save"]
     print(f"\nkeras / surgeon: {k[0] / s[0]:.2f}x time, {k[1] / s[1]:.2f}x peak RSS "
           "(both import TensorFlow: surgeon convert builds the target skeleton with Keras)")
+    base = measure([PY, "-c", "import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'; import keras"])[1]
+    bound = base + 16 * 2**20 + 200 * 2**20  # Keras-import baseline + largest tensor + 200 MB
+    size = mb(src.stat().st_size)
+    print(f"GOAL 3 | convert legacy .h5 -> .keras ({size}): keras load + save / surgeon convert "
+          f"| {k[0] / s[0]:.2f}x | >= 3x | {'met' if k[0] / s[0] >= 3 else 'missed'}")
+    print(f"GOAL 3 | convert ({size}) peak RSS vs Keras-import baseline {mb(base)} + 16 MB + 200 MB "
+          f"| {mb(s[1])} | <= {mb(bound)} | {'met' if s[1] <= bound else 'missed'}")
     for p in ("surgeon.keras", "keras.keras"):
         (work / p).unlink(missing_ok=True)
     if not args.workdir:

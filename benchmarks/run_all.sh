@@ -7,6 +7,9 @@
 #   ARGS_apply="--size-mb 1024" bash benchmarks/run_all.sh   # per-benchmark arguments
 #   PY=/path/to/venv/bin/python bash benchmarks/run_all.sh   # default: python on PATH
 #
+# The last section of all.md is the table of every issue-14 goal ratio measured in this
+# run (the benchmarks' GOAL lines), met or missed.
+#
 # Output: benchmarks/results/<name>.txt per benchmark and benchmarks/results/all.md with
 # the machine, date, command and every table. Exit status: the number of failed benchmarks.
 set -u
@@ -25,6 +28,7 @@ quick_args() {  # small sizes for a smoke run
         ls) echo "--size-mb 128 --workdir $WORK" ;;
         scaling) echo "--sizes 64,128,256 --workdir $WORK" ;;
         convert) echo "--size-mb 64" ;;
+        resnet) echo "--reps 1" ;;
         resume) echo "--steps 100 --reps 2" ;;
         merge) echo "--size-mb 128" ;;
         orbax) echo "--size-mb 128" ;;
@@ -43,6 +47,7 @@ quick_args() {  # small sizes for a smoke run
 } > "$OUT/all.md"
 
 failed=0
+: > "$OUT/goals.txt"  # the GOAL lines of this run's benchmarks
 for script in benchmarks/bench_*.py; do
     name=$(basename "$script" .py); name=${name#bench_}
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
@@ -54,6 +59,7 @@ for script in benchmarks/bench_*.py; do
     # shellcheck disable=SC2086
     if "$PY" "$script" $args > "$OUT/$name.txt" 2> "$OUT/$name.err"; then status=ok; else status="FAILED ($?)"; failed=$((failed + 1)); fi
     secs=$(( $(date +%s) - start ))
+    grep -h '^GOAL ' "$OUT/$name.txt" >> "$OUT/goals.txt"
     {
         echo
         echo "## $name — $status, ${secs}s"
@@ -65,6 +71,17 @@ for script in benchmarks/bench_*.py; do
     } >> "$OUT/all.md"
     echo "   $status in ${secs}s" >&2
 done
+{
+    echo
+    echo "## Goals of issue 14, as measured in this run"
+    echo
+    echo "Every ratio the benchmarks printed as a \`GOAL\` line (bench_edit: goals 1-2;"
+    echo "bench_scaling: 2, 4; bench_convert: 3; bench_start: 5; bench_resnet: 4)."
+    echo
+    echo "| goal | what | measured | target | verdict |"
+    echo "|---|---|---:|---|---|"
+    sort -s -k2,2n "$OUT/goals.txt" | sed 's/^GOAL /| /; s/$/ |/'
+} >> "$OUT/all.md"
 [ -z "${BENCH_WORKDIR:-}" ] && rm -rf "$WORK"
 cat "$OUT/all.md"
 exit $failed

@@ -62,6 +62,8 @@ FILES = {
     "orbax_writer": "surgeon/formats/orbax_writer.py",
     "structure_kinds": "surgeon/structure/kinds.py",
     "structure_graph": "surgeon/structure/graph.py",
+    "journal": "surgeon/core/journal.py",
+    "inplace": "surgeon/formats/inplace.py",
 }
 
 
@@ -81,6 +83,15 @@ T_SUB = "tests/test_subclassed.py"
 # the same model saved by Keras as .keras (bound by layout) and legacy .h5 (bound by names)
 T_LEGACY = "tests/test_legacy.py::test_keras3_legacy_writer_matches_keras3_tree"
 BUGS = [
+    Bug("journal-saves-new-bytes", "journal",
+        "    for off, old, _ in spans:\n        parts.append", "    for off, _, old in spans:\n        parts.append",
+        ("tests/test_inplace.py::test_sigkill_at_random_points_leaves_the_old_or_the_new_file",),
+        "the in-place rollback journal saves the new bytes instead of the old ones"),
+    Bug("inplace-crc-one-header", "inplace",
+        "                i.CRC, i.compress_size, i.file_size = crc,",
+        "                i.compress_size, i.file_size =",
+        ("tests/test_inplace.py::test_keras_zip_crc_is_updated_in_both_headers",),
+        "an in-place .keras edit updates the CRC in the local header only, not the central directory"),
     Bug("adam-slot-order", "optimizers", 'groups = [("momentum", "velocity")]',
         'groups = [("velocity", "momentum")]',
         (f"{T_LEGACY}[k3_cnn_adam]",),

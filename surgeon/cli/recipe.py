@@ -8,6 +8,16 @@ import time
 import click
 
 
+IN_PLACE_HELP = ("Edit the input file where it lies (.keras, .weights.h5, legacy .h5), writing "
+                 "only the changed bytes, crash-safe through a rollback journal beside it; "
+                 "only edits keeping every shape and dtype")
+
+
+def _replace(rec, **changes):
+    import dataclasses
+    return dataclasses.replace(rec, **changes)
+
+
 def _progress_printer(enabled):
     """Progress on stderr, shown only when the work lasts more than a second."""
     if not enabled:
@@ -74,10 +84,19 @@ def structural_summary(structural) -> str:
     return "; ".join(parts)
 
 
-def _run(rec, dry_run, as_json, progress, hash_inputs=True):
+def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False):
     from surgeon.recipe.execute import apply
-    plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
-                        make_dirs=True, hash_inputs=hash_inputs)
+    show = _progress_printer(progress and not as_json)
+    if in_place and not dry_run:
+        from surgeon.recipe.in_place import apply_in_place
+        plan, stats = apply_in_place(rec, progress=show, hash_inputs=hash_inputs)
+    else:
+        if in_place:
+            from surgeon.recipe.in_place import check_recipe
+            check_recipe(rec)
+            rec = _replace(rec, output=rec.input)
+        plan, stats = apply(rec, dry_run=dry_run, progress=show, make_dirs=True,
+                            hash_inputs=hash_inputs)
     render(plan, stats, dry_run, as_json)
 
 
@@ -91,10 +110,15 @@ def render(plan, stats, dry_run, as_json):
             out["written"] = {"output": plan.output, "tensors": stats.tensors, "slots": stats.slots,
                               "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
                               "structural_edits": len(plan.structural)}
+            if stats.bytes_written is not None:
+                out["written"].update(in_place=True, bytes_written=stats.bytes_written)
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(plan_text(plan))
-    if stats:
+    if stats and stats.bytes_written is not None:
+        click.echo(f"edited {plan.output} in place ({stats.tensors} tensors, {stats.slots} slots "
+                   f"changed, {stats.bytes_written} bytes written, {stats.seconds:.2f}s)")
+    elif stats:
         edits = f"{len(plan.structural)} structural edit(s), then " if plan.structural else ""
         click.echo(f"wrote {plan.output} ({edits}{stats.tensors} tensors, {stats.slots} slots changed, "
                    f"{stats.seconds:.2f}s)")
@@ -115,7 +139,9 @@ def render(plan, stats, dry_run, as_json):
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
-def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
+@click.option("--in-place", is_flag=True, help=IN_PLACE_HELP)
+def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs,
+              in_place):
     """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
@@ -131,13 +157,15 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
     """
     from surgeon.recipe import apply_overrides, load_recipe
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
-    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs)
+    if in_place and output is None:  # the recipe's own output, if any, is not this run's
+        rec = _replace(rec, output=None)
+    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, in_place)
 
 
 @click.command("transplant")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("-o", "--output", required=True, help="Where to write DST with the transplanted layers.")
+@click.option("-o", "--output", default=None, help="Where to write DST with the transplanted layers.")
 @click.option("--layers", "layers", multiple=True, metavar="PATTERN[=REPLACEMENT]",
               help="Layers of SRC to copy, e.g. 'encoder/*=backbone/*' or 'conv1' (repeatable; "
                    "default: every layer of SRC whose name exists in DST).")
@@ -148,7 +176,9 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
 @click.option("--iteration", default="keep", show_default=True, help="keep, reset or a step number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json):
+@click.option("--in-place", is_flag=True, help=IN_PLACE_HELP + " (instead of -o OUTPUT)")
+def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json,
+                   in_place):
     """Copy layers and their slots from SRC to DST.
 
     Weights and optimizer slots of the chosen layers of SRC go into DST, written to
@@ -160,8 +190,11 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
           -o out/cnn5_transplant.keras --layers conv1 --layers conv2 --layers bn --iteration 3
       surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
     """
+    from surgeon.core.errors import SurgeonError
     from surgeon.recipe import Recipe, check_iteration, declare
     from surgeon.recipe.schema import Where
+    if output is None and not in_place:
+        raise SurgeonError("transplant needs -o OUTPUT (or --in-place to edit DST where it lies)")
     where = Where("surgeon transplant", 0)
     if not layers:
         layers = ("*",)
@@ -170,7 +203,7 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
     text = " ".join(["surgeon transplant"] + sys.argv[2:])
     rec = Recipe(input=dst, output=output, ops=(spec,), iteration=check_iteration(iteration, where),
                  path="surgeon transplant", text=text, where=where)
-    _run(rec, dry_run, as_json, True)
+    _run(rec, dry_run, as_json, True, in_place=in_place)
 
 
 @click.command("log")

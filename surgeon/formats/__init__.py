@@ -72,6 +72,8 @@ def detect(path) -> str:
         return "keras-weights-sharded"
     if name.endswith(".index"):
         return "tf-checkpoint"
+    from surgeon.core import journal
+    journal.recover(path)  # an in-place edit interrupted by a crash is rolled back first
     magic = _magic(path)
     if magic.startswith(ZIP_MAGIC):
         return "keras"

@@ -94,13 +94,14 @@ class Hasher:
         self._pool = ThreadPoolExecutor(max_workers=workers) if enabled else None
         self._jobs = {}
         self._cancel = threading.Event()
+        self.skip = set()  # paths recorded without a hash (a file edited in place)
 
     def start(self, path):
-        if self.enabled and str(path) not in self._jobs:
+        if self.enabled and str(path) not in self._jobs and str(path) not in self.skip:
             self._jobs[str(path)] = self._pool.submit(content_hash, path, self._cancel)
 
     def get(self, path):
-        if not self.enabled:
+        if not self.enabled or str(path) in self.skip:
             return None
         self.start(path)
         return self._jobs[str(path)].result()

@@ -22,6 +22,7 @@ class Stats:
     slots: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    bytes_written: int | None = None  # in place: bytes written into the file
 
 
 def _groups(steps):
