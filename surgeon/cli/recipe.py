@@ -73,10 +73,10 @@ def structural_summary(structural) -> str:
     return "; ".join(parts)
 
 
-def _run(rec, dry_run, as_json, progress, hash_inputs=True):
+def _run(rec, dry_run, as_json, progress, hash_inputs=True, executor=None):
     from surgeon.recipe.execute import apply
     plan, stats = apply(rec, dry_run=dry_run, progress=_progress_printer(progress and not as_json),
-                        make_dirs=True, hash_inputs=hash_inputs)
+                        make_dirs=True, hash_inputs=hash_inputs, executor=executor)
     for w in plan.warnings:
         click.echo(f"surgeon: warning: {w}", err=True)
     if as_json:
@@ -109,7 +109,14 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True):
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
-def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs):
+@click.option("--executor", type=click.Choice(["local", "pool", "ray"]), default="local", show_default=True,
+              help="Who computes the tensors: this process, a local process pool, or a Ray cluster "
+                   "(sharded .weights.json outputs only). The output is the same.")
+@click.option("--workers", type=int, default=None,
+              help="pool: processes (default: the cores); ray: concurrent shard tasks.")
+@click.option("--address", default=None, help="ray: the cluster to join (default: RAY_ADDRESS or a local one).")
+def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs,
+              executor, workers, address):
     """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
@@ -122,10 +129,14 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
       surgeon apply recipes/reset_head.py --dry-run
       surgeon apply recipes/shrink_perturb.toml -i fixtures/cnn_adam.keras -o out/sp.keras
       surgeon apply recipes/reset_head.py --set ops.0.seed=7 --set iteration=reset --json
+      surgeon apply rescale_all.py -i big.keras -o out.keras --executor pool --workers 8
+      surgeon apply rescale_all.py -i w.weights.json -o out.weights.json --executor ray
     """
     from surgeon.recipe import apply_overrides, load_recipe
+    from surgeon.recipe.executors import make_executor
+    ex = make_executor(executor, workers, address)
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
-    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs)
+    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, ex)
 
 
 @click.command("transplant")
