@@ -128,7 +128,7 @@ def test_pool_identical_to_local_keras(tmp_path, monkeypatch):
 
 def test_pool_identical_to_local_sharded(sharded, local_out, monkeypatch):
     from surgeon.recipe import executors
-    monkeypatch.setattr(executors, "CHUNK_GROUPS", 3)
+    monkeypatch.setattr(executors, "CHUNK_GROUPS", 2)
     out = sharded / "pool" / "o.weights.json"
     out.parent.mkdir()
     _apply(sharded, out, "pool", workers=2)

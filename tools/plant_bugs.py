@@ -51,6 +51,8 @@ FILES = {
     "plan": "surgeon/recipe/plan.py",
     "convert": "surgeon/convert/__init__.py",
     "convert_skeleton": "surgeon/convert/skeleton.py",
+    "executors": "surgeon/recipe/executors.py",
+    "ray_shards": "surgeon/recipe/ray_shards.py",
 }
 
 
@@ -146,6 +148,23 @@ BUGS = [
     Bug("lambda-not-refused", "convert_skeleton", "name = find_lambda(config)", "name = None",
         ("tests/test_oracles.py::test_lambda_payload_never_runs[convert]",),
         "a Lambda layer's stored bytecode is no longer refused by convert"),
+    # executors: every executor's output is the local one's; Ray leaves nothing on failure
+    Bug("pool-drops-chunk", "executors",
+        "for chunk in todo:\n                    window.append(pool.submit(_worker_run, chunk))\n"
+        "                    if len(window) > self.workers:\n                        break",
+        "for chunk in todo:\n                    if len(window) > self.workers:\n                        break\n"
+        "                    window.append(pool.submit(_worker_run, chunk))",
+        ("tests/test_executors.py::test_pool_identical_to_local_sharded",),
+        "the process pool loses the chunk it takes when its window is full (tensors left unedited)"),
+    Bug("ray-partition-target-shard-only", "ray_shards", "for f in sorted(files):",
+        "for f in sorted(files)[:1]:",
+        ("tests/test_executors.py::test_ray_sharded_identical_to_local",),
+        "a Ray task per shard, but slots stored in another shard than their param are never written"),
+    Bug("ray-failure-leaves-temps", "ray_shards",
+        "        finally:\n            shutil.rmtree(tmpdir, ignore_errors=True)",
+        "        finally:\n            pass",
+        ("tests/test_executors.py::test_ray_worker_killed_without_retry_leaves_nothing",),
+        "a failed Ray run leaves its shards' temporary directory beside the target"),
 ]
 
 
