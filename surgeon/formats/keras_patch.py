@@ -73,6 +73,15 @@ def crc32_zeros(n):
     return crc
 
 
+def crc32_delta(diff, after):
+    """How the CRC-32 of a message changes when ``diff`` is XORed into it ``after`` bytes
+    before its end: the CRC's linear part of ``diff`` shifted by ``after`` zero bytes
+    (independent of the position from the start and of the length: ~30 polynomial steps
+    per write instead of three zero-run CRCs)."""
+    linear = zlib.crc32(diff, 0xFFFFFFFF) ^ 0xFFFFFFFF  # register starts and ends unxored
+    return _multmodp(_x2nmodp(after, 3), linear) if after else linear
+
+
 class CrcTrackingFile(Window):
     """A growable read-write window onto a zip member that keeps the member's CRC-32
     current by looking only at the bytes each write changes."""
@@ -101,10 +110,7 @@ class CrcTrackingFile(Window):
             self._f.readinto(memoryview(old)[:inside])
         diff = np.bitwise_xor(np.frombuffer(old, np.uint8), np.frombuffer(data, np.uint8))
         if diff.any():
-            after = self.size - p - k
-            c = crc32_combine(crc32_zeros(p), zlib.crc32(diff), k)
-            c = crc32_combine(c, crc32_zeros(after), after)
-            self.crc ^= c ^ crc32_zeros(self.size)
+            self.crc ^= crc32_delta(diff, self.size - p - k)
         self._f.seek(self._start + p)
         self._f.write(data)
         self._pos += k
