@@ -150,9 +150,9 @@ BUGS = [
         "a Lambda layer's stored bytecode is no longer refused by convert"),
     # executors: every executor's output is the local one's; Ray leaves nothing on failure
     Bug("pool-drops-chunk", "executors",
-        "for chunk in todo:\n                    window.append(pool.submit(_worker_run, chunk))\n"
-        "                    if len(window) > self.workers:\n                        break",
-        "for chunk in todo:\n                    if len(window) > self.workers:\n                        break\n"
+        "window.append(pool.submit(_worker_run, chunk))\n"
+        "                    if len(window) >= self.workers:\n                        break",
+        "if len(window) >= self.workers:\n                        break\n"
         "                    window.append(pool.submit(_worker_run, chunk))",
         ("tests/test_executors.py::test_pool_identical_to_local_sharded",),
         "the process pool loses the chunk it takes when its window is full (tensors left unedited)"),

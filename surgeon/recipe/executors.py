@@ -8,7 +8,7 @@ step's policy: ``compute``), so their outputs are identical. They differ in wher
 - ``PoolExecutor``: in N worker processes on this machine, each with its own reader of
   the input; groups go out in chunks of a few MB, results come back in plan order, and
   this process writes them through the same writer as ``local`` (same bytes, same order).
-  At most ``workers + 1`` chunks are in flight, so peak memory stays bounded.
+  At most ``workers`` chunks are in flight, so peak memory stays bounded.
 - ``RayExecutor`` (``surgeon.recipe.ray_shards``): one Ray task per output shard, each
   writing its own shard beside the target.
 """
@@ -104,9 +104,9 @@ class PoolExecutor(LocalExecutor):
                                  initializer=_worker_init, initargs=(ctx.recipe,)) as pool:
             todo, window = iter(chunks), deque()
             try:
-                for chunk in todo:
+                for chunk in todo:  # at most one chunk per worker in flight (bounded memory)
                     window.append(pool.submit(_worker_run, chunk))
-                    if len(window) > self.workers:
+                    if len(window) >= self.workers:
                         break
                 while window:
                     done = window.popleft().result()

@@ -71,20 +71,23 @@ class RayExecutor:
         from surgeon.formats import provenance
         from surgeon.formats.keras_sharded import index_json, shard_names
         from .execute import Stats, _groups
+        t_connect = time.perf_counter()
+        ray = self._connect()  # (starting a local cluster takes seconds: not the run's time)
         t0 = time.perf_counter()
         reader, out = ctx.reader, Path(out).absolute()
         rename = shard_names(reader, out)
         names = [rename[n] for n in reader.shard_names]
         parts = partition(reader, list(_groups(plan.steps).items()))
         recipe = _absolute(ctx.recipe)
-        ray = self._connect()
         tmpdir = atomic.temp_dir(out)
         try:
             results = self._run_tasks(ray, recipe, plan, parts, tmpdir, names, progress)
             history = provenance.read_log(first)
             info = {"name": "ray", "address": self.address or os.environ.get("RAY_ADDRESS") or "local",
                     "workers": self.workers, "tasks": len(results), "retries": self.retries,
-                    "hosts": sorted({r["host"] for r in results})}
+                    "hosts": sorted({r["host"] for r in results}),
+                    "task_seconds": [round(r["seconds"], 3) for r in results],
+                    "connect_seconds": round(t0 - t_connect, 3)}
             _finish_first_shard(tmpdir / names[0], [x for r in results for x in r["extras"]],
                                 history + [record() | {"executor": info}])
             for name in names:
@@ -96,7 +99,6 @@ class RayExecutor:
             shutil.rmtree(tmpdir, ignore_errors=True)
         stats = Stats(sum(r["tensors"] for r in results), sum(r["slots"] for r in results),
                       sum(r["bytes"] for r in results), time.perf_counter() - t0)
-        self.last = info | {"task_seconds": [r["seconds"] for r in results]}
         return stats
 
     def _run_tasks(self, ray, recipe, plan, parts, tmpdir, names, progress):
