@@ -40,14 +40,14 @@ def run(plan, ctx, writer, progress=None, executor=None) -> Stats:
     t0, stats = time.perf_counter(), Stats()
     groups = list(_groups(plan.steps).items())
     executor = executor or LocalExecutor()
-    for i, (target, value, changed, extras) in enumerate(executor.map(ctx, groups, _SlotState)):
+    for i, (target, value, changed, extras) in enumerate(executor.map(ctx, groups, _SlotState, writer)):
         for path, arr in extras:
             writer.add_extra(path, arr)
-        writer.write(target, value)
+        _write(writer, target, value)
         stats.tensors += 1
         stats.bytes += value.nbytes
         for name, arr in changed.items():
-            writer.write(name, arr)
+            _write(writer, name, arr)
             stats.slots += 1
             stats.bytes += arr.nbytes
         if progress:
@@ -56,6 +56,15 @@ def run(plan, ctx, writer, progress=None, executor=None) -> Stats:
         write_iteration(plan.iteration, ctx.reader, writer)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _write(writer, name, value):
+    """Write ``value``, or take in a tensor a pool worker already wrote (``Raw``)."""
+    from .executors import Raw
+    if isinstance(value, Raw):
+        writer.absorb(value.done)
+    else:
+        writer.write(name, value)
 
 
 def write_iteration(iteration, reader, writer):

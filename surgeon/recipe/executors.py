@@ -71,7 +71,7 @@ class LocalExecutor:
     def __init__(self):
         self.tasks = 0
 
-    def map(self, ctx, groups, slot_state):
+    def map(self, ctx, groups, slot_state, writer=None):
         self.tasks = 1
         for target, steps in groups:
             yield (target, *compute(ctx, target, steps, slot_state))
@@ -91,11 +91,14 @@ class PoolExecutor(LocalExecutor):
         if self.workers < 1:
             raise SurgeonError(f"--workers must be >= 1, got {workers}")
 
-    def map(self, ctx, groups, slot_state):
+    def map(self, ctx, groups, slot_state, writer=None):
+        """Yield ``(target, value, changed slots, extras)`` in plan order; with a writer
+        that can take raw writes (clone-and-patch), the workers write those tensors
+        themselves and yield ``Raw`` markers in their place."""
         chunks = _chunks(ctx, groups)
         self.tasks = len(chunks)
         if self.workers == 1 or len(chunks) <= 1:
-            yield from super().map(ctx, groups, slot_state)
+            yield from super().map(ctx, groups, slot_state, writer)
             self.tasks = 1
             return
         from concurrent.futures import ProcessPoolExecutor
@@ -104,15 +107,16 @@ class PoolExecutor(LocalExecutor):
                                  initializer=_worker_init, initargs=(ctx.recipe,)) as pool:
             todo, window = iter(chunks), deque()
             try:
+                submit = lambda c: pool.submit(_worker_run, c, _sink_for(writer, c))  # noqa: E731
                 for chunk in todo:  # at most one chunk per worker in flight (bounded memory)
-                    window.append(pool.submit(_worker_run, chunk))
+                    window.append(submit(chunk))
                     if len(window) >= self.workers:
                         break
                 while window:
                     done = window.popleft().result()
                     nxt = next(todo, None)
                     if nxt is not None:
-                        window.append(pool.submit(_worker_run, nxt))
+                        window.append(submit(nxt))
                     yield from done
             except BrokenProcessPool:
                 raise SurgeonError("a worker process of --executor pool died (killed or out of "
@@ -153,10 +157,44 @@ def _worker_init(recipe):
     _WORKER["ctx"] = PlanContext(recipe, reader, model_json_for(recipe))
 
 
-def _worker_run(chunk):
+def _worker_run(chunk, sink=None):
     from .execute import _SlotState
     ctx = _WORKER["ctx"]
-    return [(target, *compute(ctx, target, steps, _SlotState)) for target, steps in chunk]
+    out = []
+    try:
+        for target, steps in chunk:
+            value, changed, extras = compute(ctx, target, steps, _SlotState)
+            if sink is not None:
+                value = _raw(sink, target, value)
+                changed = {n: _raw(sink, n, a) for n, a in changed.items()}
+            out.append((target, value, changed, extras))
+    finally:
+        if sink is not None:
+            sink.close()
+    return out
+
+
+class Raw:
+    """A tensor a pool worker wrote into the output itself (``nbytes``; ``done``: the CRC
+    changes for the writer to absorb)."""
+
+    def __init__(self, nbytes, done):
+        self.nbytes, self.done = nbytes, done
+
+
+def _raw(sink, name, arr):
+    done = sink.put(name, arr)
+    return arr if done is None else Raw(arr.nbytes, done)
+
+
+def _sink_for(writer, chunk):
+    """A ``RawSink`` for the chunk's tensors when ``writer`` takes raw writes, else None."""
+    if writer is None or not hasattr(writer, "raw_regions"):
+        return None
+    from surgeon.formats.rawpatch import RawSink
+    names = [n for target, steps in chunk
+             for n in [target, *(n for s in steps for n, p in s.slots if p != "keep")]]
+    return RawSink(writer.sink.path, writer.raw_regions(names), writer.sink.crc)
 
 
 def make_executor(name=None, workers=None, address=None, **ray_options):
