@@ -150,12 +150,16 @@ BUGS = [
         "a Lambda layer's stored bytecode is no longer refused by convert"),
     # executors: every executor's output is the local one's; Ray leaves nothing on failure
     Bug("pool-drops-chunk", "executors",
-        "window.append(pool.submit(_worker_run, chunk))\n"
+        "window.append(submit(chunk))\n"
         "                    if len(window) >= self.workers:\n                        break",
         "if len(window) >= self.workers:\n                        break\n"
-        "                    window.append(pool.submit(_worker_run, chunk))",
+        "                    window.append(submit(chunk))",
         ("tests/test_executors.py::test_pool_identical_to_local_sharded",),
         "the process pool loses the chunk it takes when its window is full (tensors left unedited)"),
+    Bug("raw-write-crc-shift", "keras_patch", "after = self._member.size - (end - self._data)",
+        "after = self._member.size - end",
+        ("tests/test_executors.py::test_pool_identical_to_local_keras",),
+        "a raw write's CRC change shifted from the file's start, not the member's"),
     Bug("ray-partition-target-shard-only", "ray_shards", "for f in sorted(files):",
         "for f in sorted(files)[:1]:",
         ("tests/test_executors.py::test_ray_sharded_identical_to_local",),
