@@ -16,14 +16,16 @@ from surgeon.core.tree import Entry, OptimizerInfo
 from surgeon.formats import detect, open_checkpoint, open_writer
 
 __all__ = ["open_checkpoint", "open_writer", "detect", "Entry", "OptimizerInfo", "SurgeonError",
-           "load_recipe", "apply", "diff_checkpoints", "audit_checkpoint", "convert_checkpoint", "resume"]
+           "load_recipe", "apply", "diff_checkpoints", "audit_checkpoint", "convert_checkpoint", "resume",
+           "make_executor"]
 
 # public name -> (module, attribute); module names differ from function names on purpose
 # (``surgeon.inspect.audit`` is a module, so the function is ``audit_checkpoint``).
 _LAZY = {"load_recipe": ("recipe.loader", "load_recipe"), "apply": ("recipe.execute", "apply"),
          "diff_checkpoints": ("inspect.diff", "diff_checkpoints"),
          "audit_checkpoint": ("inspect.audit", "audit_checkpoint"),
-         "convert_checkpoint": ("convert", "convert"), "resume": ("train", "resume")}
+         "convert_checkpoint": ("convert", "convert"), "resume": ("train", "resume"),
+         "make_executor": ("recipe.executors", "make_executor")}
 
 
 def __getattr__(name):

@@ -64,6 +64,8 @@ FILES = {
     "structure_graph": "surgeon/structure/graph.py",
     "journal": "surgeon/core/journal.py",
     "inplace": "surgeon/formats/inplace.py",
+    "executors": "surgeon/recipe/executors.py",
+    "ray_shards": "surgeon/recipe/ray_shards.py",
 }
 
 
@@ -222,6 +224,28 @@ BUGS = [
         '            layer.config["batch_shape"] = list(shape)\n', "",
         ("tests/test_structure_kinds.py::test_nested_models_followed_inside",),
         "a channel edit entering a nested model leaves its Input layer's shape stale"),
+    # executors: every executor's output is the local one's; Ray leaves nothing on failure
+    Bug("pool-drops-chunk", "executors",
+        "window.append(submit(chunk))\n"
+        "                    if len(window) >= self.workers:\n                        break",
+        "if len(window) >= self.workers:\n                        break\n"
+        "                    window.append(submit(chunk))",
+        ("tests/test_executors.py::test_pool_identical_to_local_sharded",),
+        "the process pool loses the chunk it takes when its window is full (tensors left unedited)"),
+    Bug("raw-write-crc-unshifted", "keras_patch",
+        "self._member.crc ^= _multmodp(_x2nmodp(after, 3), linear) if after else linear",
+        "self._member.crc ^= linear",
+        ("tests/test_executors.py::test_pool_identical_to_local_keras",),
+        "a raw write's CRC change not shifted by the member bytes after it"),
+    Bug("ray-partition-target-shard-only", "ray_shards", "for f in sorted(files):",
+        "for f in sorted(files)[:1]:",
+        ("tests/test_executors.py::test_ray_sharded_identical_to_local",),
+        "a Ray task per shard, but slots stored in another shard than their param are never written"),
+    Bug("ray-failure-leaves-temps", "ray_shards",
+        "        finally:\n            shutil.rmtree(tmpdir, ignore_errors=True)",
+        "        finally:\n            pass",
+        ("tests/test_executors.py::test_ray_worker_killed_without_retry_leaves_nothing",),
+        "a failed Ray run leaves its shards' temporary directory beside the target"),
 ]
 
 

@@ -84,7 +84,7 @@ def structural_summary(structural) -> str:
     return "; ".join(parts)
 
 
-def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False):
+def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False, executor=None):
     from surgeon.recipe.execute import apply
     show = _progress_printer(progress and not as_json)
     if in_place and not dry_run:
@@ -96,7 +96,7 @@ def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False):
             check_recipe(rec)
             rec = _replace(rec, output=rec.input)
         plan, stats = apply(rec, dry_run=dry_run, progress=show, make_dirs=True,
-                            hash_inputs=hash_inputs)
+                            hash_inputs=hash_inputs, executor=executor)
     render(plan, stats, dry_run, as_json)
 
 
@@ -140,8 +140,14 @@ def render(plan, stats, dry_run, as_json):
 @click.option("--no-hash-inputs", is_flag=True,
               help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
 @click.option("--in-place", is_flag=True, help=IN_PLACE_HELP)
+@click.option("--executor", type=click.Choice(["local", "pool", "ray"]), default="local", show_default=True,
+              help="Who computes the tensors: this process, a local process pool, or a Ray cluster "
+                   "(sharded .weights.json outputs only). The output is the same.")
+@click.option("--workers", type=int, default=None,
+              help="pool: processes (default: the cores); ray: concurrent shard tasks.")
+@click.option("--address", default=None, help="ray: the cluster to join (default: RAY_ADDRESS or a local one).")
 def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs,
-              in_place):
+              in_place, executor, workers, address):
     """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
@@ -154,12 +160,20 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
       surgeon apply recipes/reset_head.py --dry-run
       surgeon apply recipes/shrink_perturb.toml -i fixtures/cnn_adam.keras -o out/sp.keras
       surgeon apply recipes/reset_head.py --set ops.0.seed=7 --set iteration=reset --json
+      surgeon apply rescale_all.py -i big.keras -o out.keras --executor pool --workers 8
+      surgeon apply rescale_all.py -i w.weights.json -o out.weights.json --executor ray
     """
     from surgeon.recipe import apply_overrides, load_recipe
+    from surgeon.recipe.executors import make_executor
+    ex = make_executor(executor, workers, address)
     rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
     if in_place and output is None:  # the recipe's own output, if any, is not this run's
         rec = _replace(rec, output=None)
-    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, in_place)
+    if in_place and executor != "local":
+        from surgeon.core.errors import RecipeError
+        raise RecipeError("--in-place patches the file from this process; "
+                          "--executor is for runs that write a new output (-o)")
+    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, in_place, ex)
 
 
 @click.command("transplant")

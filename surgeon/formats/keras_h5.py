@@ -311,6 +311,8 @@ class KerasH5Writer:
     def _copy_rest(self):
         """Recreate every source group (with its attrs, per file) and copy unwritten datasets."""
         for src, out in zip(self.reader._files, self._out):
+            if out is None:  # a file another process writes (one shard per Ray task)
+                continue
             for k in src.attrs.keys():
                 out.attrs[k] = src.attrs[k]
             groups = []
@@ -324,7 +326,7 @@ class KerasH5Writer:
             for key, item in node.items.items():
                 if isinstance(item, Node):
                     visit(item)
-                elif item.path not in self._written:
+                elif item.path not in self._written and self._out[item.file_index] is not None:
                     src_file = self.reader._files[item.file_index]
                     parent = self._out[item.file_index].require_group(node.path or "/")
                     src_file.copy(src_file[item.path], parent, name=key)

@@ -32,35 +32,47 @@ def _groups(steps):
     return out
 
 
-def run(plan, ctx, writer, progress=None) -> Stats:
-    """Apply ``plan`` through ``writer`` (which copies every untouched tensor on finalize)."""
+def run(plan, ctx, writer, progress=None, executor=None) -> Stats:
+    """Apply ``plan`` through ``writer`` (which copies every untouched tensor on finalize).
+
+    ``executor`` (``surgeon.recipe.executors``) computes the groups; whatever it is, the
+    writer receives the same writes in the same (plan) order."""
+    from .executors import LocalExecutor
     t0, stats = time.perf_counter(), Stats()
-    groups = _groups(plan.steps)
-    for i, (target, steps) in enumerate(groups.items()):
-        value = ctx.reader.read(target)
-        slots = _SlotState(ctx)
-        for step in steps:
-            res = registry.OPS[step.op].apply(step, value, ctx)
-            value = res.value
-            for name, policy in step.slots:
-                slots.apply(name, policy, res)
-            for path, arr in res.extras.items():
-                writer.add_extra(path, arr)
-        writer.write(target, value)
+    groups = list(_groups(plan.steps).items())
+    executor = executor or LocalExecutor()
+    for i, (target, value, changed, extras) in enumerate(executor.map(ctx, groups, _SlotState, writer)):
+        for path, arr in extras:
+            writer.add_extra(path, arr)
+        _write(writer, target, value)
         stats.tensors += 1
         stats.bytes += value.nbytes
-        for name, arr in slots.changed.items():
-            writer.write(name, arr)
+        for name, arr in changed.items():
+            _write(writer, name, arr)
             stats.slots += 1
             stats.bytes += arr.nbytes
         if progress:
             progress(i + 1, len(groups), target)
     if plan.iteration:
-        old = ctx.reader.read(plan.iteration["target"])
-        writer.write(plan.iteration["target"], np.asarray(plan.iteration.get("stored", plan.iteration["after"]),
-                                                         dtype=old.dtype))
+        write_iteration(plan.iteration, ctx.reader, writer)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _write(writer, name, value):
+    """Write ``value``, or take in a tensor a pool worker already wrote (``Raw``)."""
+    from .executors import Raw
+    if isinstance(value, Raw):
+        writer.absorb(value.done)
+    else:
+        writer.write(name, value)
+
+
+def write_iteration(iteration, reader, writer):
+    """The optimizer's iteration counter as the plan sets it (stored dtype kept)."""
+    old = reader.read(iteration["target"])
+    writer.write(iteration["target"], np.asarray(iteration.get("stored", iteration["after"]),
+                                                 dtype=old.dtype))
 
 
 class _SlotState:
@@ -123,7 +135,7 @@ def open_output(out, reader, plan, patch=True, clone=None):
 
 
 def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False, patch=True,
-          origin=None, structural=()):
+          origin=None, structural=(), executor=None):
     """Plan ``recipe`` and (unless ``dry_run``) write its output, with provenance embedded.
 
     Args:
@@ -137,6 +149,8 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             intermediate model as ``recipe.input`` (provenance names and hashes the origin).
         structural: the structural plans already run to make that intermediate (recorded
             in the plan and its provenance).
+        executor: who computes the tensors (``surgeon.recipe.executors.make_executor``:
+            local, pool or ray); the output is the same whichever runs it.
     Returns:
         ``(plan, stats)``; ``stats`` is None for a dry run.
     Example:
@@ -154,7 +168,7 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             current, splans = recipe_ops.run(recipe.input, rewrites, work)
             staged = dataclasses.replace(recipe, input=current, ops=tuple(rest))
             plan, stats = apply(staged, dry_run, progress, hash_inputs, make_dirs, patch,
-                                origin=recipe.input, structural=splans)
+                                origin=recipe.input, structural=splans, executor=executor)
         plan.input = recipe.input
         return plan, stats
 
@@ -166,7 +180,7 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             hasher.start(first)
         clone = None if dry_run or not patch else _early_clone(recipe)
         return _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural,
-                             hasher, clone)
+                             hasher, clone, executor)
     finally:
         if clone is not None:
             clone.discard()
@@ -186,17 +200,20 @@ def _early_clone(recipe):
 
 
 def _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural, hasher,
-                  clone=None):
+                  clone=None, executor=None):
     from pathlib import Path
 
     from surgeon.core import __version__, atomic
     from surgeon.core.errors import RecipeError
     from surgeon.formats import provenance
+    from .executors import LocalExecutor
     from .plan import PlanContext, make_plan, model_json_for, open_input
 
     with open_input(recipe) as reader:
         ctx = PlanContext(recipe, reader, model_json_for(recipe))
         try:
+            if hasattr(executor, "check"):  # refuse what it cannot run before any work
+                executor.check(reader, recipe.output)
             plan = make_plan(recipe, ctx)
             plan.structural = list(structural)
             if dry_run:
@@ -210,11 +227,14 @@ def _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
             atomic.check_output(out, [first, recipe.model, *ctx.sources])
+            record = lambda: provenance.make_record(recipe, plan, inputs, __version__, hasher)  # noqa: E731
+            if getattr(executor, "shards_output", False):  # Ray: each task writes a shard
+                return plan, executor.run_sharded(plan, ctx, out, record, first, progress)
+            executor = executor or LocalExecutor()
             with open_output(out, reader, plan, patch, clone) as writer:
-                stats = run(plan, ctx, writer, progress)
+                stats = run(plan, ctx, writer, progress, executor)
                 history = provenance.read_log(first)
-                record = provenance.make_record(recipe, plan, inputs, __version__, hasher)
-                provenance.embed(writer, reader.format, history + [record])
+                provenance.embed(writer, reader.format, history + [record() | {"executor": executor.info()}])
                 writer.finalize()
             return plan, stats
         finally:
