@@ -46,8 +46,12 @@ WRITERS = {
                                                       "--heads", "1", "-o", o]),
     "prune-heads": ("attn_adam.keras", lambda i, o: ["prune-heads", i, "--layer", "mha",
                                                      "--fraction", "0.34", "-o", o]),
+    "merge": ("cnn_adam.keras", lambda i, o: ["merge", i, fixture("cnn_sgdm.keras"), "-o", o]),
 }
 READ_ONLY = {"ls", "log", "audit"}
+# writers whose input must be built by the test (a LoRA model): their output rules are
+# checked in tests/test_merge.py (test_lora_*), not in the matrix below
+ELSEWHERE = {"lora"}
 STRUCTURAL = ["widen", "deepen", "delete-channels", "prune-channels", "delete-layer",
               "insert-layer", "replace-layer", "delete-heads", "prune-heads"]
 CHECKPOINT_WRITERS = [c for c in WRITERS if c != "diff"]  # diff writes a PNG, not a checkpoint
@@ -72,8 +76,8 @@ def snapshot(folder):
 def test_every_command_is_classified():
     """A new command must be added to WRITERS (and so to every test below) or READ_ONLY."""
     from surgeon.cli import main
-    assert set(main.commands) == set(WRITERS) | READ_ONLY, \
-        sorted(set(main.commands) ^ (set(WRITERS) | READ_ONLY))
+    assert set(main.commands) == set(WRITERS) | READ_ONLY | ELSEWHERE, \
+        sorted(set(main.commands) ^ (set(WRITERS) | READ_ONLY | ELSEWHERE))
 
 
 # -- 1. no command replaces or modifies its input -------------------------------------------

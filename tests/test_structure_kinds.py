@@ -51,7 +51,7 @@ def _seq_model(keras):
     x = keras.Input((5,), dtype="int32", name="tokens")
     h = L.Embedding(10, 4, name="emb")(x)
     h = L.LSTM(3, return_sequences=True, name="lstm")(h)
-    h = L.Bidirectional(L.GRU(2, return_sequences=True), name="bi")(h)
+    h = L.Bidirectional(L.GRU(2, return_sequences=True, name="gru"), name="bi")(h)  # named: auto names depend on the process
     h = L.SimpleRNN(3, name="srnn")(h)
     return keras.Model(x, L.Dense(2, name="out")(h), name="seq"), "adam", None
 
