@@ -14,6 +14,11 @@ X = RNG.random((16, 4)).astype("float32")
 Y = RNG.random((16, 2)).astype("float32")
 
 
+def xy():
+    """The zoo's training data, as a ``--data`` function."""
+    return X, Y
+
+
 def _mlp(name="mlp"):
     import keras
     inp = keras.Input((4,), name="x")

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from surgeon.formats import open_checkpoint
 
 import modern_zoo
@@ -331,3 +331,44 @@ def test_lora_base_kernel_is_frozen_like_keras(zoo):
             if e.role == "param" and not e.frozen:
                 assert e.name in trainable, e.name
         assert ck.entry("fc1/kernel").frozen
+
+
+def _with_unknown_quantization(src, dst):
+    """``src`` (an int8 model saved by Keras) with its layers' quantization mode renamed to
+    one surgeon has no layout for ("gptq"): the variables stay as Keras stored them."""
+    import json
+    import zipfile
+
+    def rename(o):
+        if isinstance(o, dict):
+            if o.get("mode") == "int8":
+                o["mode"] = "gptq"
+            for v in o.values():
+                rename(v)
+        elif isinstance(o, list):
+            for v in o:
+                rename(v)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "config.json":
+                cfg = json.loads(data)
+                rename(cfg)
+                data = json.dumps(cfg).encode()
+            zout.writestr(info, data)
+
+
+def test_unknown_quantized_layout_listed_by_position_and_resume_refused(zoo, tmp_path):
+    _, d = zoo("int8")
+    odd = tmp_path / "gptq.keras"
+    _with_unknown_quantization(d / "int8.keras", odd)
+    with open_checkpoint(odd) as ck:
+        quant = [e for e in ck.entries() if e.quant]
+        assert quant and all(e.quant == "gptq" and e.role == "state" for e in quant)
+        assert all(e.name.rsplit("/", 1)[-1].isdigit() for e in quant)  # by position, never guessed
+    out = tmp_path / "more.keras"
+    res = run_cli("resume", odd, "--data", f"{ROOT / 'tests' / 'modern_zoo.py'}:xy", "--steps", "1",
+                  "--batch-size", "8", "-o", out)
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "surgeon: error:" in res.output and "quantized layout (gptq)" in res.output, res.output
+    assert not out.exists()

@@ -75,6 +75,13 @@ def names(class_name, config, mode, n):
     return out
 
 
+def is_unknown(entry) -> bool:
+    """Quantized state of a layout surgeon does not know (named by position)."""
+    quant = getattr(entry, "quant", "")
+    return bool(quant) and (quant not in ("int8", "int4", "float8")
+                            or entry.name.rsplit("/", 1)[-1].isdigit())
+
+
 def unknown(n, mode):
     """Positional names for a quantized layer surgeon cannot name: all quantized state."""
     return [(str(i), False, mode or "unknown") for i in range(n)]

@@ -139,6 +139,7 @@ def _open(checkpoint, model, strategy, custom_objects):
     if model is None or str(checkpoint).endswith(".keras") or _reader_model(checkpoint, model):
         reader = open_checkpoint(checkpoint, model=_reader_model(checkpoint, model))
         try:
+            _refuse_unknown_quantization(reader)
             with strategy.scope():
                 return reader, build.build_model(reader, model, custom_objects)
         except BaseException:
@@ -150,9 +151,26 @@ def _open(checkpoint, model, strategy, custom_objects):
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(keras.saving.serialize_keras_object(kmodel), f)
-        return open_checkpoint(checkpoint, model=cfg), kmodel
+        reader = open_checkpoint(checkpoint, model=cfg)
     finally:
         os.unlink(cfg)
+    try:
+        _refuse_unknown_quantization(reader)
+    except BaseException:
+        reader.close()
+        raise
+    return reader, kmodel
+
+
+def _refuse_unknown_quantization(reader):
+    """A quantized layout surgeon lists by position (gptq, awq, another class) cannot be
+    restored by name: refuse before anything is built or trained."""
+    from surgeon.binding.quantized import is_unknown
+    odd = [e for e in reader.entries() if is_unknown(e)]
+    if odd:
+        raise SurgeonError(f"{reader.path}: {odd[0].name}: quantized layout ({odd[0].quant}) that "
+                           f"surgeon lists by position only ({len(odd)} tensor(s)); resume cannot "
+                           "restore it by name")
 
 
 def _reader_model(checkpoint, model):
