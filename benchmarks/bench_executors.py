@@ -11,6 +11,9 @@ run, on the same files:
   ResNet50 .keras (Adam, 1 step) cp + sync | apply local | apply pool
   sharded tower .weights.json    cp + sync | apply local | apply pool | apply ray
     (--sharded-mb in --shard-mb shards; Ray: a local cluster started by the command)
+  merge of two sharded towers    cp + sync | merge local | merge pool | merge ray
+    (the tower and its rescaled copy, linear 0.5/0.5: every param read twice, written
+    with zero slots; the same shards, the same executors)
 
 and prints the ratios to cp + sync, the time per written tensor (the engine's own
 seconds / tensors + slots written), the peak memory against workers x largest tensor +
@@ -151,6 +154,29 @@ def apply(src, work, executor, workers, model=None):
             "task_seconds": info.get("task_seconds"), "connect": info.get("connect_seconds", 0)}
 
 
+def merge(src, work, executor, workers, model=None):
+    """``surgeon merge`` of ``src`` and its rescaled copy (``ft``), as ``apply`` above."""
+    other = work / "ft" / "ft.weights.json"
+    if not other.exists():
+        other.parent.mkdir(exist_ok=True)
+        subprocess.run([PY, "-m", "surgeon", "apply", work / "all.py", "-i", src, "-o", other,
+                        "--model", model, "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+    out = work / f"merge_{executor}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    cmd = [PY, "-m", "surgeon", "merge", src, other, "--weight", "0.5,0.5", "--model", model,
+           "-o", out / "m.weights.json", "--json", "--no-hash-inputs", "--executor", executor]
+    if executor != "local":
+        cmd += ["--workers", workers]
+    secs, peak, stdout = measure(cmd)
+    w = json.loads(stdout)["written"]
+    from surgeon.formats.provenance import read_log
+    info = read_log(out / "m.weights.json")[-1].get("executor", {})
+    shutil.rmtree(out)
+    return {"wall": secs, "peak": peak, "run": w["seconds"], "writes": w["tensors"] + w["slots"],
+            "task_seconds": info.get("task_seconds"), "connect": info.get("connect_seconds", 0)}
+
+
 def largest_tensor(src, model=None):
     """(largest tensor, largest tensor + its slots (what one task holds), tensor count)."""
     from surgeon.formats import open_checkpoint
@@ -168,7 +194,9 @@ def largest_tensor(src, model=None):
     return max(sizes.values()), group, len(sizes)
 
 
-def bench(label, src, work, workers, executors, repeat, model=None):
+def bench(label, src, work, workers, executors, repeat, model=None, route=None):
+    """Time ``route`` (``apply``, or ``merge``) on ``src`` by each executor."""
+    route = route or apply
     size = sum(f.stat().st_size for f in files_of(src))
     big, group, n = largest_tensor(src, model)
     cp = min(cp_sync(src, work) for _ in range(repeat))
@@ -179,7 +207,7 @@ def bench(label, src, work, workers, executors, repeat, model=None):
     print(f"  {'cp + sync':<14} {cp:7.2f} {1:9.2f}")
     res = {}
     for ex in executors:
-        runs = [apply(src, work, ex, workers, model) for _ in range(repeat)]
+        runs = [route(src, work, ex, workers, model) for _ in range(repeat)]
         r = min(runs, key=lambda x: x["wall"]) | {"peak": max(x["peak"] for x in runs)}
         res[ex] = r
         k = 1 if ex == "local" else workers
@@ -206,7 +234,7 @@ def main(argv=None):
     ap.add_argument("--shard-mb", type=int, default=256)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=1, help="runs per route (fastest kept)")
-    ap.add_argument("--skip", default="", help="comma list of: tower, resnet, sharded, ray")
+    ap.add_argument("--skip", default="", help="comma list of: tower, resnet, sharded, merge, ray")
     ap.add_argument("--workdir", default=None, help="generated files are kept and reused there")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -228,6 +256,11 @@ def main(argv=None):
             exs = ("local", "pool") + (() if "ray" in skip else ("ray",))
             bench(f"sharded tower .weights.json ({args.shard_mb} MB shards)", src, work, args.workers,
                   exs, args.repeat, model=cfg)
+        if "merge" not in skip:
+            src, cfg = sharded_tower(work, args.sharded_mb, args.shard_mb)
+            exs = ("local", "pool") + (() if "ray" in skip else ("ray",))
+            bench(f"merge: sharded tower + its rescaled copy ({args.shard_mb} MB shards)", src, work,
+                  args.workers, exs, args.repeat, model=cfg, route=merge)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

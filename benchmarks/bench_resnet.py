@@ -8,6 +8,8 @@ best of --reps after a warm-up):
   cp + sync             the copy reference (surgeon fsyncs its output)
   rescale all           surgeon apply: every param rescaled, slots follow (new file)
   head edit             surgeon apply: rescale the head (predictions), slots follow
+  rescale vectors       surgeon apply: every bias/gamma/beta/moving statistic (266 tensors,
+                        their 320 slots follow; 1.2 MB): per-tensor cost without the bytes
   head edit --in-place  the same, in place in a copy
   keras route           load_model, set_weights on the head, save (once)
 
@@ -46,6 +48,9 @@ KERAS_ROUTE = textwrap.dedent("""\
     """)
 ALL = '[[ops]]\nop = "rescale"\nselect = { pattern = "*", role = "param" }\nfactor = 0.5\nslots = "follow"\n'
 HEAD = '[[ops]]\nop = "rescale"\nselect = "predictions/*"\nfactor = 0.5\nslots = "follow"\n'
+VECTORS = "".join(f'[[ops]]\nop = "rescale"\nselect = "*/{leaf}"\nfactor = 0.5\nslots = "{slots}"\n'
+                  for leaf, slots in (("bias", "follow"), ("gamma", "follow"), ("beta", "follow"),
+                                      ("moving_mean", "keep"), ("moving_variance", "keep")))
 
 
 def main(argv=None):
@@ -60,6 +65,7 @@ def main(argv=None):
         subprocess.run([PY, "-c", MAKE, src], check=True, stderr=subprocess.DEVNULL)
     (work / "all.toml").write_text(ALL)
     (work / "head.toml").write_text(HEAD)
+    (work / "vectors.toml").write_text(VECTORS)
     inplace, out = work / "inplace.keras", work / "out.keras"
     shutil.copyfile(src, inplace)
     s = [PY, "-m", "surgeon", "apply"]
@@ -67,6 +73,7 @@ def main(argv=None):
         "cp + sync": ["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'],
         "rescale all": s + [work / "all.toml", "-i", src, "-o", out, "--no-progress"],
         "head edit": s + [work / "head.toml", "-i", src, "-o", out, "--no-progress"],
+        "rescale vectors": s + [work / "vectors.toml", "-i", src, "-o", out, "--no-progress"],
         "head edit --in-place": s + [work / "head.toml", "-i", inplace, "--in-place", "--no-progress"],
         "keras route": [PY, "-c", KERAS_ROUTE, src, work / "keras.keras"],
     }
@@ -98,6 +105,9 @@ def main(argv=None):
           f"| {'met' if full / cp <= 3 else 'missed'}")
     print(f"GOAL 4 | [ResNet50] per-tensor overhead ((all - head edit) / tensors) | {per:.2f} ms "
           f"| <= 0.5 ms | {'met' if per <= 0.5 else 'missed'}")
+    fixed = (res["rescale vectors"][0] - head) / (266 + 320) * 1000
+    print(f"GOAL 4 | [ResNet50] per-tensor fixed cost ((vectors - head edit) / 586 writes, 1.2 MB) "
+          f"| {fixed:.2f} ms | <= 0.5 ms | {'met' if fixed <= 0.5 else 'missed'}")
     print(f"GOAL 4 | [ResNet50] keras route / one-layer edit (new file) | {k / head:.1f}x | >= 15x "
           f"| {'met' if k / head >= 15 else 'missed'}")
     print(f"GOAL 2 | [ResNet50] keras route / one-layer edit --in-place | "

@@ -28,17 +28,41 @@ import make_fixtures  # noqa: E402
 TOLERANCE = (1e-3, 5e-3)
 
 
-def _regenerate(out, **env):
-    return subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env=dict(os.environ, **env))
+def _start(out, **env):
+    """make_fixtures.py writing into ``out`` (its stderr into ``out``.stderr: no pipe to fill
+    while it runs in the background)."""
+    with open(f"{out}.stderr", "w") as err:
+        return subprocess.Popen([sys.executable, str(FIXTURES / "make_fixtures.py"), str(out)],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                                env=dict(os.environ, **env))
+
+
+def _finish(p, out) -> subprocess.CompletedProcess:
+    try:
+        p.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, "", open(f"{out}.stderr").read())
 
 
 @pytest.fixture(scope="module")
-def regenerated(tmp_path_factory):
+def onednn_regen(tmp_path_factory):
+    """(regeneration with oneDNN's kernels, its directory), started before the plain one so
+    both run at once (the suite's single worker leaves the second core idle)."""
+    out = tmp_path_factory.mktemp("onednn")
+    p = _start(out, TF_ENABLE_ONEDNN_OPTS="1")
+    yield p, out
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory, onednn_regen):
     """(committed copies, regenerated dir, regenerated manifest)."""
     out = tmp_path_factory.mktemp("regen")
-    p = _regenerate(out)
+    p = _finish(_start(out), out)
     assert p.returncode == 0, p.stderr[-2000:]
     produced = sorted(f.name for f in out.iterdir() if f.suffix in (".h5", ".keras", ".json"))
     assert len(produced) >= 20
@@ -66,11 +90,11 @@ def test_fixtures_regenerate_bitwise_on_the_recorded_setup(regenerated):
     assert make_fixtures.compare_outputs(str(committed), str(out)) == []
 
 
-def test_other_kernels_differ_bitwise_but_stay_within_tolerance(tmp_path, regenerated):
+def test_other_kernels_differ_bitwise_but_stay_within_tolerance(regenerated, onednn_regen):
     """Another CPU, simulated here: oneDNN's kernels instead of Eigen's (different summation
     order and vectorisation). The bitwise check rejects it, the tolerance check accepts it."""
     committed, _, _ = regenerated
-    p = _regenerate(tmp_path, TF_ENABLE_ONEDNN_OPTS="1")
+    p, tmp_path = _finish(*onednn_regen), onednn_regen[1]
     if p.returncode < 0:
         pytest.skip(f"oneDNN kernels crash on this CPU (signal {-p.returncode}): see README "
                     "Troubleshooting")

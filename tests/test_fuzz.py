@@ -236,37 +236,39 @@ def test_case_count():
     assert sum(CASES.values()) + TF_CASES >= 1000, CASES
 
 
-# -- TF bundles: TensorFlow in one worker process ----------------------------------------------
-TF_WORKER = r"""
-import os, random, shutil, sys, traceback
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np
-import surgeon
-src_dirs, work, n, seed = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# -- TF bundles and Orbax checkpoints: one worker process each ---------------------------------
+# A worker's script: its setup (sources ``srcs``, ``work``, ``n``, ``seed``, the mutations
+# ``KINDS``, ``files_of(case)``, ``CHECK_DTYPE``) then these cases: one file of a copy of a
+# source mutated, every tensor read back.
+DIR_CASES = r"""
 rng = random.Random(seed)
 counts = {"ok": 0, "surgeon": 0}
 for i in range(n):
-    src = rng.choice(src_dirs)
+    src = rng.choice(srcs)
     case = os.path.join(work, f"c{i}")
     shutil.copytree(src, case)
-    files = sorted(f for f in os.listdir(case) if f != "checkpoint")
-    victim = os.path.join(case, rng.choice(files))
+    victim = rng.choice(files_of(case))
     data = bytearray(open(victim, "rb").read())
-    kind = rng.choice(["flip", "truncate", "zero", "ones"])
-    if kind == "truncate":
-        del data[rng.randrange(len(data) + 1):]
-    elif data:
-        for _ in range(rng.randint(1, 8)):
-            p = rng.randrange(len(data))
-            data[p] = {"flip": rng.randrange(256), "zero": 0, "ones": 255}[kind]
-    open(victim, "wb").write(bytes(data))
-    desc = f"case {i}: {src} {os.path.basename(victim)} {kind}"
+    kind = rng.choice(KINDS)
+    if kind == "delete":
+        os.unlink(victim)
+    else:
+        if kind == "truncate":
+            del data[rng.randrange(len(data) + 1):]
+        elif data:
+            for _ in range(rng.randint(1, 8)):
+                p = rng.randrange(len(data))
+                data[p] = {"flip": rng.randrange(256), "zero": 0, "ones": 255}[kind]
+        open(victim, "wb").write(bytes(data))
+    desc = f"case {i}: {src} {os.path.relpath(victim, case)} {kind}"
     print(desc, flush=True)
     try:
         with surgeon.open_checkpoint(case) as ck:
             for e in ck.entries():
                 a = ck.read(e.name)
                 assert tuple(a.shape) == tuple(e.shape), (e.name, a.shape, e.shape)
+                if CHECK_DTYPE:
+                    assert str(a.dtype) == e.dtype, (e.name, a.dtype, e.dtype)
         counts["ok"] += 1
     except surgeon.SurgeonError as exc:
         msg = str(exc)
@@ -282,25 +284,40 @@ print("DONE", counts, flush=True)
 """
 
 
-def test_fuzz_tf_bundles(tmp_path):
-    """Mutated/truncated TF checkpoint bundles (index and data files). Needs TensorFlow."""
-    pytest.importorskip("tensorflow")
+def _run_worker(setup, args, timeout, **env):
+    """Run ``setup`` + ``DIR_CASES`` in a fresh interpreter (argv: ``args`` then the seed)."""
     import subprocess
     import sys
-    dirs = [str(FIXTURES / "tf" / d) for d in ("tf1_adam", "keras3_cnn_adam", "v1opt_adam")]
-    dirs = [d for d in dirs if os.path.isdir(d)]
-    if not dirs:
-        pytest.skip("no TF bundle fixtures (fixtures/make_tf_fixtures.py)")
     seed = int(SEED or 0)
-    r = subprocess.run([sys.executable, "-c", TF_WORKER, ",".join(dirs), str(tmp_path),
-                        str(TF_CASES), str(seed)], capture_output=True, text=True,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=60 + 5 * TF_CASES)
+    r = subprocess.run([sys.executable, "-c", setup + DIR_CASES, *map(str, args), str(seed)],
+                       capture_output=True, text=True, env=dict(os.environ, **env), timeout=timeout)
     tail = r.stdout.strip().splitlines()[-30:]
     assert r.returncode == 0 and tail and tail[-1].startswith("DONE"), \
         f"seed {seed}, exit {r.returncode}:\n" + "\n".join(tail) + "\n" + r.stderr[-1500:]
 
 
-# -- Orbax checkpoints: TensorStore in one worker process --------------------------------------
+TF_WORKER = r"""
+import os, random, shutil, sys, traceback
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np
+import surgeon
+srcs, work, n, seed = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+KINDS, CHECK_DTYPE = ["flip", "truncate", "zero", "ones"], False
+files_of = lambda case: sorted(os.path.join(case, f) for f in os.listdir(case) if f != "checkpoint")
+"""
+
+
+def test_fuzz_tf_bundles(tmp_path):
+    """Mutated/truncated TF checkpoint bundles (index and data files). Needs TensorFlow."""
+    pytest.importorskip("tensorflow")
+    dirs = [str(FIXTURES / "tf" / d) for d in ("tf1_adam", "keras3_cnn_adam", "v1opt_adam")]
+    dirs = [d for d in dirs if os.path.isdir(d)]
+    if not dirs:
+        pytest.skip("no TF bundle fixtures (fixtures/make_tf_fixtures.py)")
+    _run_worker(TF_WORKER, [",".join(dirs), tmp_path, TF_CASES], 60 + 5 * TF_CASES,
+                TF_CPP_MIN_LOG_LEVEL="3")
+
+
 ORBAX_CASES = 60 * SCALE
 ORBAX_WORKER = r"""
 import os, random, shutil, sys, traceback
@@ -318,57 +335,12 @@ c = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True
 c.save(srcs[1], args=ocp.args.PyTreeSave(tree))
 c.close()
 import surgeon
-rng = random.Random(seed)
-counts = {"ok": 0, "surgeon": 0}
-for i in range(n):
-    src = rng.choice(srcs)
-    case = os.path.join(work, f"c{i}")
-    shutil.copytree(src, case)
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(case) for f in fs)
-    victim = rng.choice(files)
-    data = bytearray(open(victim, "rb").read())
-    kind = rng.choice(["flip", "truncate", "zero", "ones", "delete"])
-    if kind == "delete":
-        os.unlink(victim)
-    else:
-        if kind == "truncate":
-            del data[rng.randrange(len(data) + 1):]
-        elif data:
-            for _ in range(rng.randint(1, 8)):
-                p = rng.randrange(len(data))
-                data[p] = {"flip": rng.randrange(256), "zero": 0, "ones": 255}[kind]
-        open(victim, "wb").write(bytes(data))
-    desc = f"case {i}: {os.path.basename(src)} {os.path.relpath(victim, case)} {kind}"
-    print(desc, flush=True)
-    try:
-        with surgeon.open_checkpoint(case) as ck:
-            for e in ck.entries():
-                a = ck.read(e.name)
-                assert tuple(a.shape) == tuple(e.shape), (e.name, a.shape, e.shape)
-                assert str(a.dtype) == e.dtype, (e.name, a.dtype, e.dtype)
-        counts["ok"] += 1
-    except surgeon.SurgeonError as exc:
-        msg = str(exc)
-        if not msg.strip() or chr(10) in msg:
-            print(f"FAIL {desc}: not one line: {msg!r}", flush=True)
-            sys.exit(1)
-        counts["surgeon"] += 1
-    except BaseException:
-        print(f"FAIL {desc}: " + traceback.format_exc(), flush=True)
-        sys.exit(1)
-    shutil.rmtree(case)
-print("DONE", counts, flush=True)
+KINDS, CHECK_DTYPE = ["flip", "truncate", "zero", "ones", "delete"], True
+files_of = lambda case: sorted(os.path.join(d, f) for d, _, fs in os.walk(case) for f in fs)
 """
 
 
 def test_fuzz_orbax(tmp_path):
     """Mutated, truncated or deleted files of Orbax checkpoints (OCDBT and per-array zarr3)."""
     pytest.importorskip("orbax.checkpoint")
-    import subprocess
-    import sys
-    seed = int(SEED or 0)
-    r = subprocess.run([sys.executable, "-c", ORBAX_WORKER, str(tmp_path), str(ORBAX_CASES),
-                        str(seed)], capture_output=True, text=True, timeout=120 + 5 * ORBAX_CASES)
-    tail = r.stdout.strip().splitlines()[-30:]
-    assert r.returncode == 0 and tail and tail[-1].startswith("DONE"), \
-        f"seed {seed}, exit {r.returncode}:\n" + "\n".join(tail) + "\n" + r.stderr[-1500:]
+    _run_worker(ORBAX_WORKER, [tmp_path, ORBAX_CASES], 120 + 5 * ORBAX_CASES)

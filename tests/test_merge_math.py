@@ -1,10 +1,13 @@
 """The merge arithmetic (surgeon.merging) on hand-computed cases: TIES, model stock, SLERP,
 DARE's seeding and rescaling; and ``surgeon merge`` on the committed Keras-saved fixtures.
 No TensorFlow; the identities on trained fine-tunes of one base are in test_merge.py."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import fixture, run_cli
+from conftest import ROOT, fixture, run_cli
 from surgeon.core.errors import SurgeonError
 from surgeon.merging import methods as mm
 
@@ -100,13 +103,17 @@ def test_parameter_refusals(method, params, n, msg):
 def test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused(tmp_path):
     """Keras-saved cnn_adam merged with itself is itself; with the 5-class head of
     cnn5_fresh it is refused at plan time (one line, exit 2, nothing written); no TF."""
-    import sys
     from surgeon.formats import open_checkpoint
     a, five = fixture("cnn_adam.keras"), fixture("recipe/cnn5_fresh.keras")
-    tf_before = "tensorflow" in sys.modules
     out = tmp_path / "same.keras"
-    res = run_cli("merge", a, a, "--weight", "0.3,0.7", "-o", out)
-    assert res.exit_code == 0, res.output
+    # in a fresh process: this one may have loaded TensorFlow for another test already
+    code = ("import sys; from surgeon.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+            "assert not bad, bad  # merging .keras files needs no TF\n")
+    p = subprocess.run([sys.executable, "-c", code, "merge", str(a), str(a), "--weight", "0.3,0.7",
+                        "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
     with open_checkpoint(a) as x, open_checkpoint(out) as y:
         for e in x.entries():
             if e.role in ("param", "state"):
@@ -117,4 +124,3 @@ def test_committed_fixtures_merge_exactly_and_shape_mismatch_is_refused(tmp_path
     assert res.output == (f"surgeon: error: surgeon merge: op 'merge': head/kernel has shape (6, 5) "
                           f"in {five} but (6, 3) in {a}; models of different shapes cannot be "
                           "merged\n")
-    assert tf_before or "tensorflow" not in sys.modules  # merging .keras files needs no TF

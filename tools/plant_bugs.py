@@ -5,8 +5,10 @@ Each bug below is an exact text replacement in one module of the package. For ev
 the repository's ``surgeon/`` and ``tests/`` are copied into a scratch directory (the other
 top-level entries are symlinked), the bug is planted in the copy (the script fails loudly
 when the old text is not found exactly once: the bug list is out of date), and the bug's
-tests run there in one ``pytest -x`` process with the copy first on the path. The script
-exits non-zero unless every bug is caught, and prints which test caught each one.
+tests run there in one ``pytest -x`` session with the copy first on the path: in a child
+forked from a server that has imported TensorFlow and Keras once (never surgeon or the
+tests), so a bug costs its tests, not a TensorFlow import (``--no-fork``: a new process).
+The script exits non-zero unless every bug is caught, and prints which test caught each one.
 
 Usage:
     python tools/plant_bugs.py                  # all bugs, 2 at a time
@@ -19,9 +21,12 @@ A new invariant gets a planted bug here. When modules move, update ``FILES`` (on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,12 +65,24 @@ FILES = {
     "orbax": "surgeon/formats/orbax.py",
     "orbax_layout": "surgeon/formats/orbax_layout.py",
     "orbax_writer": "surgeon/formats/orbax_writer.py",
+    "orbax_names": "surgeon/formats/orbax_names.py",
     "structure_kinds": "surgeon/structure/kinds.py",
     "structure_graph": "surgeon/structure/graph.py",
     "journal": "surgeon/core/journal.py",
     "inplace": "surgeon/formats/inplace.py",
+    "provenance": "surgeon/formats/provenance.py",
     "executors": "surgeon/recipe/executors.py",
     "ray_shards": "surgeon/recipe/ray_shards.py",
+    "ray_parts": "surgeon/recipe/ray_parts.py",
+    "orbax_shards": "surgeon/formats/orbax_shards.py",
+    "convert_shards": "surgeon/convert/shards.py",
+    "core_tf": "surgeon/core/tf.py",
+    "convert_lazy": "surgeon/convert/lazy.py",
+    "rawread": "surgeon/formats/rawread.py",
+    "rawpatch": "surgeon/formats/rawpatch.py",
+    "fastio": "surgeon/core/fastio.py",
+    "startup": "surgeon/core/startup.py",
+    "rawbehind": "surgeon/formats/rawbehind.py",
 }
 
 
@@ -77,6 +94,7 @@ class Bug:
     new: str
     tests: tuple  # pytest node ids (relative to the repository)
     what: str
+    fresh: bool = False  # its tests need a process without TensorFlow (never the zygote)
 
 
 T_TREE = "tests/test_keras_tree.py"
@@ -125,7 +143,7 @@ BUGS = [
         "            layer.finalize_state()\n", "            pass\n",
         ("tests/test_modern_keras.py::test_resume_finalizes_adapted_normalization_like_keras",),
         "resume restores an adapted Normalization's mean/variance without finalizing it"),
-    Bug("zip-crc-not-updated", "keras_zip", "crc = zlib.crc32(block, crc)", "zlib.crc32(block, crc)",
+    Bug("zip-crc-not-updated", "keras_zip", "crc = fastio.crc32(block, crc)", "fastio.crc32(block, crc)",
         ("tests/test_roundtrip.py::test_keras_roundtrip_lossless[cnn_adam]",),
         "the .keras writer forgets the CRC update of the weights member"),
     Bug("patch-crc-not-updated", "keras_patch", "self.crc ^= crc32_delta(diff, self.size - p - k)",
@@ -217,6 +235,29 @@ BUGS = [
         '                if leaf.key not in self._written and leaf.value_type != "scalar":',
         ("tests/test_orbax.py::test_identity_apply_keras_loads_bit_identical_and_keeps_training",),
         "the Orbax writer drops untouched scalars (iteration, learning rate, metric counts)"),
+    Bug("orbax-commit-marker-early", "orbax_writer",
+        "        copy_except_item(w.step_dir, out_step, w.item, keys)\n",
+        "        copy_except_item(w.step_dir, out_step, w.item, keys)\n"
+        "        (out_step / COMMIT).write_bytes(b'early')\n",
+        ("tests/test_orbax.py::test_memory_url_read_edit_write_through_the_library_api",),
+        "an Orbax output on an object store is marked committed before its arrays are written"),
+    Bug("orbax-url-marker-unchecked", "orbax_layout",
+        "    if isinstance(ckpt, KvPath) and not (ckpt / COMMIT).is_file():", "    if False:",
+        ("tests/test_orbax.py::test_memory_url_read_edit_write_through_the_library_api",),
+        "a step on an object store without Orbax's commit_success.txt (incomplete) is read"),
+    Bug("orbax-frozen-as-state", "orbax_names",
+        '    frozen = leaf.keys[0] == "non_trainable_variables" and _frozen_param(path, by_name)',
+        "    frozen = False",
+        ("tests/test_orbax.py::test_sequential_names_drop_the_model_name_keras_puts_in_front",),
+        "a frozen layer's weights in an Orbax checkpoint listed as state, not frozen params"),
+    Bug("orbax-step-option-ignored", "orbax_layout",
+        "            step = _SELECTED.get(_root_key(label))", "            step = None",
+        ("tests/test_orbax.py::test_step_option_on_diff_audit_apply",),
+        "--step on diff/audit/apply reads the latest step of an Orbax root instead"),
+    Bug("orbax-malloc-unbounded", "orbax",
+        '        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold))', "        pass",
+        ("tests/test_orbax.py::test_freed_array_buffers_go_back_to_the_os",),
+        "freed array buffers stay in glibc's heaps: a streaming copy's RSS grows past one array"),
     Bug("depthwise-slots-blockwise", "structure_kinds",
         "return [float(f) for f in factors for _ in range(mult)] * blocks",
         "return [float(f) for _ in range(mult) for f in factors] * blocks",
@@ -235,7 +276,7 @@ BUGS = [
         ("tests/test_executors.py::test_pool_identical_to_local_sharded",),
         "the process pool loses the chunk it takes when its window is full (tensors left unedited)"),
     Bug("raw-write-crc-unshifted", "keras_patch",
-        "self._member.crc ^= _multmodp(_x2nmodp(after, 3), linear) if after else linear",
+        "self._member.crc ^= crc_shift(linear, after)",
         "self._member.crc ^= linear",
         ("tests/test_executors.py::test_pool_identical_to_local_keras",),
         "a raw write's CRC change not shifted by the member bytes after it"),
@@ -248,6 +289,95 @@ BUGS = [
         "        finally:\n            pass",
         ("tests/test_executors.py::test_ray_worker_killed_without_retry_leaves_nothing",),
         "a failed Ray run leaves its shards' temporary directory beside the target"),
+    Bug("ray-orbax-unmerged", "orbax_shards", "        _merge(writer, indices)\n",
+        "        pass\n",
+        ("tests/test_executors.py::test_ray_orbax_equals_local",),
+        "the Ray tasks' ocdbt.process_<k> databases are never merged into the root manifest"),
+    Bug("ray-parts-copy-edited", "ray_parts", "for k in sorted(sizes) if k not in owner]",
+        "for k in sorted(sizes)]",
+        ("tests/test_executors.py::test_ray_orbax_equals_local",),
+        "a Ray part also copies the input's value of a key another part edits"),
+    Bug("orbax-fill-value-chunk-dropped", "orbax_writer",
+        ', "metadata": meta,\n                "store_data_equal_to_fill_value": True}',
+        ', "metadata": meta}',
+        ("tests/test_orbax.py::test_values_equal_to_the_fill_value_are_stored",),
+        "an array equal to zarr's fill value (an iteration reset to 0) is written without its chunk"),
+    # merge and convert by executor (issue 18): a worker computes what the driver would
+    Bug("merge-worker-models-reversed", "op_merge", "got[index] = (models, ",
+        "got[index] = (models[::-1], ",
+        ("tests/test_executors_merge.py::test_merge_pool_and_ray_identical_to_local",),
+        "a pool/Ray worker reopens the merged models in another order (per-model weights swapped)"),
+    Bug("convert-shard-task-sorted", "convert_shards", 'for target, source in job["pairs"]:',
+        'for target, source in sorted(job["pairs"]):',
+        ("tests/test_executors_merge.py::test_convert_sharded_pool_and_ray_identical_to_local",),
+        "a convert shard task writes its tensors by name, not in the local writer's order "
+        "(the shard's bytes differ)"),
+    Bug("light-keras-imports-tf-to-serialise", "core_tf",
+        '.tensorflow._available = False', '.tensorflow._available = None',
+        ("tests/test_light_keras.py::test_the_light_process_never_loads_tensorflow",),
+        "light Keras asks tf.available while serialising a config: TensorFlow loads after all"),
+    Bug("light-keras-int-dtype-not-as-on-tf", "core_tf", "    _as_on_tensorflow()\n", "",
+        ("tests/test_light_keras.py::test_light_output_is_the_tensorflow_routes[convert_k22_lstm]",),
+        "the light route writes the optimizer's iteration counter as int32 (TensorFlow: int64)"),
+    Bug("lazy-skeleton-kept-left-empty", "convert_lazy",
+        "    if not lazy.by_path:\n        return []", "    if True:\n        return []",
+        ("tests/test_light_keras.py::test_light_output_is_the_tensorflow_routes[convert_kept]",),
+        "convert --allow-missing leaves Keras' initial values unwritten (an empty, all-zero dataset)"),
+    Bug("hash-recorded-as-sha256", "provenance",
+        'return {"sha256": digest if algorithm == "sha256" else None}',
+        'return {"sha256": digest}',
+        ("tests/test_fast_io.py::test_input_hash_is_recorded_under_its_algorithm",),
+        "a BLAKE3 content hash recorded under the sha256 key (the log names the wrong hash)"),
+    Bug("overlay-compares-page-heads", "journal",
+        "changed.append((page if b - a == PAGE else page[:b - a]) != old[a:b])",
+        "changed.append(page[:64] != old[a:a + 64])",
+        ("tests/test_inplace.py::test_overlay_sees_and_commits_exactly_what_was_written",),
+        "the in-place overlay compares only the start of each page: later changes are never written"),
+    # fast full rewrites (issue 14 goal 4): raw reads are HDF5's reads; workers adopt the plan
+    Bug("raw-read-ignores-member-offset", "rawread", "k = os.preadv(fd, [buf[got:]], base + off + got)",
+        "k = os.preadv(fd, [buf[got:]], off + got)",
+        ("tests/test_executors.py::test_raw_reads_are_hdf5_reads",),
+        "a raw read of a .keras tensor ignores where the weights member starts in the zip"),
+    Bug("pool-workers-reparse-input", "executors",
+        'if mp.get_start_method() == "fork" and ctx.forkable():',
+        'if mp.get_start_method() == "fork" and not ctx.forkable():',
+        ("tests/test_executors.py::test_pool_identical_to_local_keras",),
+        "forked pool workers open and parse the input again instead of adopting the planned context",
+        fresh=True),  # with TensorFlow loaded the pool forks no worker: the check needs a TF-free run
+    Bug("raw-write-skips-late-change", "rawpatch", "if diff[:4096].any() or diff.any():",
+        "if diff[:4096].any():",
+        ("tests/test_recipe_writers.py::test_raw_sink_writes_every_change_and_reports_its_crc",),
+        "a raw write whose first 4 kB are unchanged is skipped as if nothing changed"),
+    # one-tensor edits (issue 14 goals 1-2): the clone stops at the weights member, start-up
+    Bug("short-clone-padded", "keras_patch",
+        "if not self._clone or os.path.getsize(self._tmp) < end:", "if not self._clone:",
+        ("tests/test_fast_io.py::test_short_clone_is_copied_again_not_padded",),
+        "a .keras clone shorter than the weights member's end is adopted and padded with zeros"),
+    Bug("keras-clone-copies-everything", "fastio",
+        "elif length is not None and length < size:", "elif False:",
+        ("tests/test_fast_io.py::test_keras_clone_stops_at_the_weights_member_and_is_not_truncated",),
+        "the .keras clone copies the whole file, then truncates it (waiting for its writeback)"),
+    Bug("h5py-import-forks-uname", "startup",
+        "        sys.meta_path.insert(0, _H5pyImport)", "        pass",
+        ("tests/test_fast_io.py::test_reading_an_h5_file_from_the_command_line_runs_no_child_process",),
+        "importing h5py from the CLI runs `uname -p` in a child process (~50 ms per command)"),
+    Bug("raw-behind-drops-crc", "rawbehind", "self._done.extend(out)", "self._done.extend(out[:0])",
+        ("tests/test_recipe_writers.py::test_background_raw_writes_equal_inline_ones",),
+        "the background raw writer loses the CRC changes of the tensors it wrote"),
+    Bug("patch-finalize-ignores-behind", "keras_patch", "self.absorb(self.sink.finish())",
+        "self.sink.finish()",
+        ("tests/test_fast_io.py::test_full_rewrite_written_behind_equals_the_rebuilt_output",),
+        "the .keras patch writer closes the member without the background writes' CRC changes"),
+    Bug("raw-behind-error-lost", "rawbehind", "self._error = exc", "self._error = None",
+        ("tests/test_recipe_writers.py::test_background_raw_write_error_reaches_the_caller",),
+        "a background raw write that fails is not reported (the output is committed short)"),
+    Bug("raw-crc-piece-unshifted", "rawpatch", "        elif changed:\n            linear = _shift(linear, k)\n",
+        "",
+        ("tests/test_recipe_writers.py::test_background_raw_writes_equal_inline_ones",),
+        "a tensor's CRC change computed piece by piece skips the shift over an unchanged piece"),
+    Bug("fast-crc-drops-running-value", "fastio", "return _crc32(data, value)", "return _crc32(data)",
+        ("tests/test_fast_io.py::test_fast_crc32_is_zlibs",),
+        "the fast CRC-32 ignores the running value (a member's CRC continued block by block)"),
 ]
 
 
@@ -275,16 +405,176 @@ def plant(root: Path, bug: Bug) -> None:
     path.write_text(text.replace(bug.old, bug.new))
 
 
-def run_tests(root: Path, tests) -> tuple[int, list, str]:
-    """(pytest exit code, failed/errored node ids, output tail) for ``tests`` in ``root``."""
-    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("PYTEST_ADDOPTS", None)
-    # -o addopts=: in-process, without the suite's xdist worker (whose -x exits 2, not 1)
-    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-x", "-q", "-rfE", "-p",
-           "no:cacheprovider", *tests]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
-    return r.returncode, failed, (r.stdout + r.stderr)[-3000:]
+PYTEST_ARGS = ("-o", "addopts=", "-x", "-q", "-rfE", "-p", "no:cacheprovider")
+
+
+def run_tests(root: Path, tests, zygote=None, timeout=None) -> tuple[int, list, str]:
+    """(pytest exit code, failed/errored node ids, output tail) for ``tests`` in ``root``:
+    in a child forked by ``zygote`` (TensorFlow already imported), else a new process.
+    A run longer than ``timeout`` seconds is killed with everything it started (its own
+    process group) and reported as ``TIMED_OUT``."""
+    if zygote is not None:
+        code, out = zygote.run(root, tests, timeout)
+    else:
+        env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("PYTEST_ADDOPTS", None)
+        # -o addopts=: in-process, without the suite's xdist worker (whose -x exits 2, not 1)
+        cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests]
+        with tempfile.TemporaryFile("w+", errors="replace") as log:
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_group(proc.pid)
+                proc.wait()
+                code = TIMED_OUT
+            log.seek(0)
+            out = log.read()
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return code, failed, out[-3000:]
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (a bug's pytest and every process it started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the zygote: third-party modules imported once, a forked child per bug ----------------
+# Importing TensorFlow and Keras costs ~8 s of CPU; a child forked from a process that has
+# imported them (and nothing of surgeon or the tests) starts at once and imports surgeon,
+# conftest and the tests from its scratch copy, as a new process would.
+PRELOAD = ("numpy", "h5py", "click", "pytest", "tensorflow", "keras")
+CRASHED = -1  # the child died without reporting (a native crash)
+NOT_ISOLATED = 99  # the child imported surgeon from elsewhere than its scratch copy
+INTERNAL_ERROR = 3  # pytest's own exit code for an INTERNALERROR
+TIMED_OUT = -2  # killed after --timeout seconds (a hang: the suite has no per-test timeout)
+
+
+START_TIMEOUT = 300  # seconds for the forking server to import TensorFlow and Keras
+
+
+class ZygoteFailed(Exception):
+    pass
+
+
+class Zygote:
+    """Client side: starts ``plant_bugs.py --serve`` and asks it to run a bug's tests."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="planted-zygote-"))
+        self.sock = str(self.dir / "sock")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+        env.pop("PYTHONPATH", None)  # nothing of the repository importable in the server
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve",
+                                      self.sock], cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        import select
+        ready = select.select([self.proc.stdout], [], [], START_TIMEOUT)[0]
+        if not ready or self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise ZygoteFailed("the forking server did not start")
+        self._n = 0
+
+    def run(self, root: Path, tests, timeout=None) -> tuple[int, str]:
+        self._n += 1
+        log = self.dir / f"{root.name}.{self._n}.log"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(self.sock)
+            s.sendall((json.dumps({"root": str(root), "tests": list(tests), "log": str(log)})
+                       + "\n").encode())
+            s.settimeout(timeout)
+            f = s.makefile()
+            try:
+                first = f.readline().split()  # "pid N": the child leads its process group
+                if first[:1] != ["pid"]:
+                    return CRASHED, ""
+                pid = int(first[1])
+                reply = f.read().strip()
+            except (socket.timeout, TimeoutError):
+                if "pid" in locals():
+                    kill_group(pid)
+                reply = str(TIMED_OUT)
+        out = log.read_text(errors="replace") if log.exists() else ""
+        return (int(reply) if reply else CRASHED), out
+
+    def close(self):
+        """Stop the server (it waits for its children); killed if it does not answer."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(self.sock)
+                s.sendall(b'{"stop": true}\n')
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def serve(sock_path: str) -> None:
+    """Server side: import PRELOAD, then fork a child per request (see ``_child``)."""
+    import importlib
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules):
+        raise SystemExit("plant_bugs: the forking server imported surgeon")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    srv.listen(8)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        req = json.loads(conn.makefile().readline())
+        if req.get("stop"):
+            break
+        if os.fork() == 0:
+            srv.close()
+            os.setsid()  # its own process group: a hung bug is killed with all it started
+            conn.sendall(f"pid {os.getpid()}\n".encode())
+            code = CRASHED
+            try:
+                code = _child(req)
+            finally:
+                conn.sendall(f"{code}\n".encode())
+                os._exit(0)
+        conn.close()
+        _reap(os.WNOHANG)
+    _reap(0)
+
+
+def _reap(flags) -> None:
+    """Wait for the finished children (``flags`` 0: for all of them)."""
+    while True:
+        try:
+            if os.waitpid(-1, flags)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def _child(req) -> int:
+    """In the forked child: pytest on the request's tests, in its scratch copy."""
+    root = req["root"]
+    fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.chdir(root)
+    os.environ["PYTHONPATH"] = root  # for the subprocesses the tests start
+    os.environ.pop("PYTEST_ADDOPTS", None)
+    sys.path[:0] = [root]
+    import pytest
+    code = int(pytest.main([*PYTEST_ARGS, *req["tests"]]))
+    mod = sys.modules.get("surgeon")
+    if mod is not None and not Path(mod.__file__).resolve().is_relative_to(Path(root).resolve()):
+        print(f"plant_bugs: surgeon imported from {mod.__file__}, not the scratch copy")
+        code = NOT_ISOLATED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
 
 
 def check_isolation(root: Path) -> None:
@@ -296,16 +586,42 @@ def check_isolation(root: Path) -> None:
         raise SystemExit(f"plant_bugs: the scratch copy is not imported ({out.strip()})")
 
 
-def try_bug(bug: Bug) -> dict:
+def try_bug(bug: Bug, zygote=None, timeout=None) -> dict:
+    """Plant ``bug`` in a scratch copy and run its tests. A forked run that hangs or dies
+    natively is retried once in a new process (forking a process that has loaded TensorFlow
+    can deadlock on a lock another thread held), and so is a run that ends in a pytest
+    internal error, so only the bug decides the outcome."""
     root = scratch_copy(bug)
     t0 = time.monotonic()
+    note = ""
     try:
-        code, failed, tail = run_tests(root, bug.tests)
+        forked = zygote is not None and not bug.fresh
+        code, failed, tail = run_tests(root, bug.tests, zygote if forked else None, timeout)
+        if forked and code in (TIMED_OUT, CRASHED):
+            note = f" (forked run {'timed out' if code == TIMED_OUT else 'crashed'}; new process)"
+            code, failed, tail = run_tests(root, bug.tests, None, timeout)
+        elif code == INTERNAL_ERROR:  # e.g. CPython 3.11's AST recursion-depth race while
+            # pytest renders a failure as another thread formats a traceback: run it again
+            note = " (pytest internal error; new process)"
+            code, failed, tail = run_tests(root, bug.tests, None, timeout)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     caught = code == 1 and bool(failed)
-    return {"bug": bug, "caught": caught, "by": failed, "code": code, "tail": tail,
-            "seconds": time.monotonic() - t0}
+    r = {"bug": bug, "caught": caught, "by": failed, "code": code, "tail": tail,
+         "seconds": time.monotonic() - t0, "note": note}
+    print(result_line(r), flush=True)  # progress as each bug finishes
+    return r
+
+
+def result_line(r: dict) -> str:
+    if r["caught"]:
+        status = "caught"
+    elif r["code"] == TIMED_OUT:
+        status = "MISSED (timed out)"
+    else:
+        status = f"MISSED (pytest exit {r['code']})"
+    return (f"{r['bug'].name:32} {status:10} {r['seconds']:5.0f}s  "
+            f"{', '.join(r['by']) or '-'}{r['note']}")
 
 
 def main(argv=None) -> int:
@@ -314,7 +630,15 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--baseline", action="store_true", help="first run every bug's tests unmodified")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-fork", action="store_true",
+                    help="a new Python process per bug instead of a child of the forking server")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds before a bug's tests are killed as hung (default 600)")
+    ap.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
     if args.list:
         for b in BUGS:
             print(f"{b.name:32} {FILES[b.file]:34} {b.what}")
@@ -329,25 +653,34 @@ def main(argv=None) -> int:
         if text.count(b.old) != 1:
             raise SystemExit(f"plant_bugs: {b.name}: the text to replace occurs {text.count(b.old)} "
                              f"times in {FILES[b.file]} (expected once); update BUGS: {b.old!r}")
-    base = scratch_copy(None)
+    zygote = None
+    if not args.no_fork:
+        try:
+            zygote = Zygote()
+        except ZygoteFailed as exc:  # every bug then runs in a new process
+            print(f"plant_bugs: {exc}; running each bug in a new process", flush=True)
     try:
-        check_isolation(base)
-        if args.baseline:
-            tests = sorted({t for b in bugs for t in b.tests})
-            code, failed, tail = run_tests(base, tests)
-            if code != 0:
-                print(tail)
-                raise SystemExit(f"plant_bugs: the tests fail without any planted bug: {failed}")
-            print(f"baseline: {len(tests)} test selection(s) pass without bugs")
+        base = scratch_copy(None)
+        try:
+            check_isolation(base)
+            if args.baseline:
+                tests = sorted({t for b in bugs for t in b.tests})
+                code, failed, tail = run_tests(base, tests, zygote)
+                if code != 0:
+                    print(tail)
+                    raise SystemExit(f"plant_bugs: the tests fail without any planted bug: {failed}")
+                print(f"baseline: {len(tests)} test selection(s) pass without bugs")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda b: try_bug(b, zygote, args.timeout), bugs))
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(try_bug, bugs))
+        if zygote is not None:
+            zygote.close()
     missed = [r for r in results if not r["caught"]]
+    print("\nin the list's order:")
     for r in results:
-        b = r["bug"]
-        status = "caught" if r["caught"] else f"MISSED (pytest exit {r['code']})"
-        print(f"{b.name:32} {status:10} {r['seconds']:5.0f}s  {', '.join(r['by']) or '-'}")
+        print(result_line(r))
     for r in missed:
         print(f"\n--- {r['bug'].name}: {r['bug'].what}\n{r['tail']}")
     print(f"\n{len(results) - len(missed)}/{len(results)} planted bugs caught")

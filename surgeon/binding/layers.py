@@ -123,6 +123,11 @@ def var_names(class_name: str | None, config: dict | None, n: int):
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
+def trainable_names(class_name: str | None) -> frozenset:
+    """The variable names a layer of ``class_name`` creates trainable (empty: unknown class)."""
+    return frozenset(_TRAINABLE.get(class_name, ()))
+
+
 def _policy_dtype(policy):
     """The variable dtype of a Keras dtype policy (``mixed_*`` policies keep float32)."""
     if isinstance(policy, dict):

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from surgeon.core.tf import VERBOSE_ENV
+from surgeon.core.tf import VERBOSE_ENV, request_light_keras
 from surgeon.core.errors import SurgeonError
 
 # OSErrors that are the environment's answer, not a bug: one line, exit 2.
@@ -22,8 +22,39 @@ _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
                errno.EIO}
 
 
+# command -> the module of surgeon.cli defining it: running one command imports only its
+# own module (start-up time); a command missing here is found by importing every module.
+LAZY = {"ls": "inspect", "diff": "inspect", "audit": "inspect", "apply": "recipe",
+        "transplant": "recipe", "log": "recipe", "convert": "convert", "resume": "train",
+        "merge": "merge", "lora": "merge"}
+
+
 class _Group(click.Group):
-    """Turns SurgeonError (and damaged-file errors) into one line on stderr, exit 2."""
+    """Turns SurgeonError (and damaged-file errors) into one line on stderr, exit 2.
+
+    Commands are registered lazily: ``get_command`` imports only the module of the
+    command asked for; ``commands`` (help, listing, tests) has every command."""
+
+    @property
+    def commands(self):
+        if not getattr(self, "_all_loaded", False):
+            self._all_loaded = True
+            _register_commands()
+        return self._commands
+
+    @commands.setter
+    def commands(self, value):
+        self._commands = value
+
+    def add_command(self, cmd, name=None):
+        self._commands[name or cmd.name] = cmd
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self._commands:
+            _register_commands(LAZY.get(cmd_name))
+        if cmd_name not in self._commands:  # not where LAZY says: look everywhere
+            _register_commands()
+        return self._commands.get(cmd_name)
 
     def invoke(self, ctx):
         try:
@@ -56,19 +87,53 @@ def main(verbose):
     """
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
+    request_light_keras()  # commands that only build configs never load TensorFlow
 
 
 # one module per command group, mirroring the library's packages
 GROUPS = ("inspect", "recipe", "convert", "structure", "train", "merge")
 
 
-def _register_commands():
-    """Commands live in their own modules (surgeon/cli/<group>.py); each defines ``register(main)``."""
+_registered = set()
+
+
+def _register_commands(only=None):
+    """Commands live in their own modules (surgeon/cli/<group>.py); each defines
+    ``register(main)``. ``only``: just that module (None: every one)."""
     import importlib
     import importlib.util
-    for name in GROUPS:
-        if importlib.util.find_spec(f"surgeon.cli.{name}") is not None:
+    for name in GROUPS if only is None else (only,):
+        if name not in _registered and importlib.util.find_spec(f"surgeon.cli.{name}") is not None:
+            _registered.add(name)
             importlib.import_module(f"surgeon.cli.{name}").register(main)
 
 
-_register_commands()
+def run():
+    """``python -m surgeon``: ``main``, then a quick exit once it has finished.
+
+    Tearing the interpreter down (freeing every module of numpy, h5py, ...) costs ~0.05-0.2 s
+    of a short command; the command's work is complete by then (outputs renamed into place
+    and fsynced, journals removed). So: flush stdout and stderr, run the ``atexit``
+    handlers, and end the process with ``os._exit``. Only from the main thread alone (a
+    live Python thread gets the normal exit, which joins it). Before: the first ``import
+    h5py`` is told to run no ``uname -p`` child (``surgeon.core.startup``)."""
+    from surgeon.core import startup
+    startup.install()
+    try:
+        main(prog_name="surgeon")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+        if not (code is None or isinstance(code, int)):
+            raise
+    import threading
+    if threading.active_count() > 1:
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # e.g. a closed pipe: let the normal exit report it
+        sys.exit(code)
+    import atexit
+    atexit._run_exitfuncs()
+    os._exit(code or 0)

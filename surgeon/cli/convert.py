@@ -5,6 +5,9 @@ import json
 
 import click
 
+from surgeon.cli.executor_opts import executor_options, make
+from surgeon.formats import STEP_HELP, select_step
+
 
 def _render(report) -> str:
     lines = [f"{report.source} -> {report.target}  [{report.target_format}]"]
@@ -36,11 +39,17 @@ def _render(report) -> str:
 @click.option("--model", type=click.Path(), default=None,
               help="For a bare .weights.h5 source: the .keras file or config.json it belongs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
+@click.option("--step", type=int, default=None, help=STEP_HELP)
+@click.option("--max-shard-size", type=float, default=None, metavar="GB",
+              help="A .weights.json (sharded) target's shard size, in GB as Keras' max_shard_size "
+                   "(default: the source's largest shard if it is sharded, else 5).")
+@executor_options("pool and ray: sharded .weights.json targets only, one task per output shard")
+def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json, step, max_shard_size,
+                executor, workers, address):
     """Convert between formats, optimizer included.
 
-    SRC to DST: .keras, .weights.h5, legacy .h5 or a TF checkpoint prefix such as
-    out/model.ckpt, optimizer state included.
+    SRC to DST: .keras, .weights.h5, sharded .weights.json, legacy .h5 or a TF
+    checkpoint prefix such as out/model.ckpt, optimizer state included.
 
     Keras 3 writes an empty copy of the target model (compiled with the source's
     optimizer); surgeon fills every tensor from SRC, matching by canonical name, then
@@ -56,11 +65,14 @@ def convert_cmd(src, dst, like, optimizer, allow_missing, model, as_json):
       surgeon convert fixtures/legacy/k20_mlp_adam.h5 out/k20.ckpt
       surgeon convert fixtures/cnn_adam.weights.h5 out.keras --model fixtures/cnn_adam.keras
       surgeon convert old.h5 new.keras --like mypkg.models:build --allow-missing --json
+      surgeon convert big.keras out/big.weights.json --max-shard-size 2 --executor ray
     """
     from surgeon.convert import convert
 
-    report = convert(src, dst, like=like, optimizer=optimizer, allow_missing=allow_missing,
-                     model=model)
+    ex = make(executor, workers, address)  # (refuses --workers/--address without pool/ray)
+    with select_step([src], step):
+        report = convert(src, dst, like=like, optimizer=optimizer, allow_missing=allow_missing,
+                         model=model, executor=ex, max_shard_size=max_shard_size)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:

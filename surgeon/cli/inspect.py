@@ -8,6 +8,7 @@ import sys
 import click
 
 from surgeon.core.errors import SurgeonError
+from surgeon.formats import STEP_HELP
 
 
 def _size(text):
@@ -80,8 +81,9 @@ def _plotted(path):
               help="Also draw a PNG (per-layer change + histogram; a line chart with --series). "
                    "Needs matplotlib: pip install 'surgeon[plot]'.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
+@click.option("--step", type=int, default=None, help=STEP_HELP)
 def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
-             as_json, markdown, plot, chunk):
+             as_json, markdown, plot, chunk, step):
     """Compare two checkpoints tensor by tensor.
 
     Any two formats, paired by canonical name. Per tensor: status (equal, changed,
@@ -97,7 +99,16 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
       surgeon diff a.keras b.keras --atol 1e-6 --only 'conv*' --json
       surgeon diff a.keras b.keras --markdown --plot change.png
       surgeon diff --series ckpt/epoch1.keras ckpt/epoch2.keras ckpt/epoch3.keras --plot drift.png
+      surgeon diff model.keras run/orbax_ckpt --step 40
     """
+    from surgeon.formats import select_step
+    with select_step([] if series else checkpoints, step):
+        _diff(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
+              as_json, markdown, plot, chunk)
+
+
+def _diff(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, maps, series, show_all,
+          as_json, markdown, plot, chunk):
     from surgeon.core import atomic
     from surgeon.formats import detect
     from surgeon.inspect import diff, report
@@ -144,7 +155,8 @@ def diff_cmd(checkpoints, model, model_b, atol, rtol, only, ignore_optimizer, ma
 @click.option("--norm-threshold", type=float, default=100.0, show_default=True,
               help="Report kernels with RMS x sqrt(fan-in) above this.")
 @click.option("--chunk", default="2M", show_default=True, help="Bytes read per chunk (bounds memory).")
-def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk):
+@click.option("--step", type=int, default=None, help=STEP_HELP)
+def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, chunk, step):
     """Check a checkpoint's health.
 
     NaN/Inf, zero/constant/dead/exploding kernels, optimizer slots missing, extra or
@@ -159,9 +171,11 @@ def audit_cmd(checkpoint, model, as_json, iteration_threshold, norm_threshold, c
       surgeon audit fixtures/cnn_adam.keras
       surgeon audit fixtures/cnn_adam.weights.h5 --model fixtures/cnn_adam.keras --json
     """
+    from surgeon.formats import select_step
     from surgeon.inspect import audit, report
-    res = audit.audit_path(checkpoint, model=model, chunk_bytes=_size(chunk),
-                           iteration_threshold=iteration_threshold, norm_threshold=norm_threshold)
+    with select_step([checkpoint], step):
+        res = audit.audit_path(checkpoint, model=model, chunk_bytes=_size(chunk),
+                               iteration_threshold=iteration_threshold, norm_threshold=norm_threshold)
     click.echo(json.dumps(res.to_json(), indent=1) if as_json else report.audit_text(res))
     sys.exit(0 if res.ok else 1)
 

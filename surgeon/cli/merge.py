@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from surgeon.cli.executor_opts import executor_options, make
+
 
 def _weights(values):
     """``--weight 0.3 --weight 0.7`` or ``--weight 0.3,0.7`` -> [0.3, 0.7] (None if absent)."""
@@ -49,8 +51,12 @@ def _weights(values):
 @click.option("--dry-run", is_flag=True, help="Print the plan (every name and shape checked) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and what was written) as JSON.")
 @click.option("--no-hash-inputs", is_flag=True, help="Do not record the inputs' sha256.")
+@click.option("--model", default=None, type=click.Path(),
+              help="For bare weights (.weights.h5/.weights.json): the .keras or config.json binding their slots.")
+@executor_options("ray: sharded .weights.json templates and outputs only, one task per output shard")
 def merge_cmd(models, output, base, method, weight, density, drop, scale, t, normalize, combine,
-              seed, sets, select, state, optimizer_from, dry_run, as_json, no_hash_inputs):
+              seed, sets, select, state, optimizer_from, dry_run, as_json, no_hash_inputs, model,
+              executor, workers, address):
     """Merge fine-tunes of one base model.
 
     Inputs in any readable formats. Tensors pair by canonical name; every name and shape is checked before any value is
@@ -62,6 +68,7 @@ def merge_cmd(models, output, base, method, weight, density, drop, scale, t, nor
       surgeon merge --base base.keras ft_a.keras ft_b.keras --method ties --density 0.5 -o merged.keras
       surgeon merge a.keras b.keras --method slerp --t 0.3 --set 'head/*:t=0.8' -o mid.keras
       surgeon merge a.keras b_ckpt/ --weight 0.7,0.3 -o avg.keras --dry-run
+      surgeon merge a.weights.json b.weights.json --model a.keras -o m.weights.json --executor ray
     """
     from surgeon.cli.recipe import _progress_printer, render
     from surgeon.recipe.merging import merge_checkpoints
@@ -69,11 +76,12 @@ def merge_cmd(models, output, base, method, weight, density, drop, scale, t, nor
                                 ("p", _weights(drop)), ("scale", scale), ("t", t),
                                 ("normalize", normalize), ("combine", combine), ("seed", seed))
               if v is not None}
+    ex = make(executor, workers, address)
     plan, stats = merge_checkpoints(
         models, output, base=base, method=method, params=params, overrides=list(sets),
         optimizer_from=optimizer_from, state=state, select=select, dry_run=dry_run,
         hash_inputs=not no_hash_inputs, progress=_progress_printer(not as_json),
-        text=" ".join(["surgeon merge"] + sys.argv[2:]))
+        text=" ".join(["surgeon merge"] + sys.argv[2:]), model=model, executor=ex)
     render(plan, stats, dry_run, as_json)
 
 

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from surgeon.formats import STEP_HELP, select_step
+
 
 IN_PLACE_HELP = ("Edit the input file where it lies (.keras, .weights.h5, legacy .h5), writing "
                  "only the changed bytes, crash-safe through a rollback journal beside it; "
@@ -84,19 +86,30 @@ def structural_summary(structural) -> str:
     return "; ".join(parts)
 
 
-def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False, executor=None):
+def _early(dry_run, hash_inputs, hash_paths=(), src=None, target=None):
+    """Start, from the command line alone, what does not need the recipe: hashing the
+    inputs named there and cloning ``src`` to ``target``'s temp file (``EarlyStart``),
+    so that they overlap loading the recipe and importing numpy, h5py and the ops."""
+    from surgeon.formats.clone import EarlyStart
+    if dry_run:
+        return EarlyStart(hash_inputs=False)
+    return EarlyStart(hash_paths, hash_inputs, src, target)
+
+
+def _run(rec, dry_run, as_json, progress, hash_inputs=True, in_place=False, executor=None,
+         early=None):
     from surgeon.recipe.execute import apply
     show = _progress_printer(progress and not as_json)
     if in_place and not dry_run:
         from surgeon.recipe.in_place import apply_in_place
-        plan, stats = apply_in_place(rec, progress=show, hash_inputs=hash_inputs)
+        plan, stats = apply_in_place(rec, progress=show, hash_inputs=hash_inputs, early=early)
     else:
         if in_place:
             from surgeon.recipe.in_place import check_recipe
             check_recipe(rec)
             rec = _replace(rec, output=rec.input)
         plan, stats = apply(rec, dry_run=dry_run, progress=show, make_dirs=True,
-                            hash_inputs=hash_inputs, executor=executor)
+                            hash_inputs=hash_inputs, executor=executor, early=early)
     render(plan, stats, dry_run, as_json)
 
 
@@ -138,16 +151,18 @@ def render(plan, stats, dry_run, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and what was written) as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("--no-hash-inputs", is_flag=True,
-              help="Do not record the inputs' sha256 in the provenance (saves reading them once).")
+              help="Do not record the inputs' content hash (sha256 or BLAKE3) in the provenance "
+                   "(saves reading them once).")
 @click.option("--in-place", is_flag=True, help=IN_PLACE_HELP)
 @click.option("--executor", type=click.Choice(["local", "pool", "ray"]), default="local", show_default=True,
               help="Who computes the tensors: this process, a local process pool, or a Ray cluster "
-                   "(sharded .weights.json outputs only). The output is the same.")
+                   "(sharded outputs: .weights.json, TF checkpoints, Orbax). The output is the same.")
 @click.option("--workers", type=int, default=None,
               help="pool: processes (default: the cores); ray: concurrent shard tasks.")
 @click.option("--address", default=None, help="ray: the cluster to join (default: RAY_ADDRESS or a local one).")
+@click.option("--step", type=int, default=None, help=STEP_HELP)
 def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress, no_hash_inputs,
-              in_place, executor, workers, address):
+              in_place, executor, workers, address, step):
     """Apply a recipe (.py/.toml) to a checkpoint.
 
     The recipe is planned and fully validated first (names, shapes, dtypes, no tensor
@@ -163,17 +178,21 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
       surgeon apply rescale_all.py -i big.keras -o out.keras --executor pool --workers 8
       surgeon apply rescale_all.py -i w.weights.json -o out.weights.json --executor ray
     """
-    from surgeon.recipe import apply_overrides, load_recipe
-    from surgeon.recipe.executors import make_executor
-    ex = make_executor(executor, workers, address)
-    rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
-    if in_place and output is None:  # the recipe's own output, if any, is not this run's
-        rec = _replace(rec, output=None)
-    if in_place and executor != "local":
-        from surgeon.core.errors import RecipeError
-        raise RecipeError("--in-place patches the file from this process; "
-                          "--executor is for runs that write a new output (-o)")
-    _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, in_place, ex)
+    new_file = not in_place and executor != "ray"
+    with _early(dry_run or not new_file, not no_hash_inputs, [input_],
+                input_, output if new_file else None) as early:
+        from surgeon.recipe import apply_overrides, load_recipe
+        from surgeon.recipe.executors import make_executor
+        ex = make_executor(executor, workers, address)
+        rec = apply_overrides(load_recipe(recipe), input=input_, output=output, sets=sets, model=model)
+        if in_place and output is None:  # the recipe's own output, if any, is not this run's
+            rec = _replace(rec, output=None)
+        if in_place and executor != "local":
+            from surgeon.core.errors import RecipeError
+            raise RecipeError("--in-place patches the file from this process; "
+                              "--executor is for runs that write a new output (-o)")
+        with select_step([rec.input], step):
+            _run(rec, dry_run, as_json, not no_progress, not no_hash_inputs, in_place, ex, early)
 
 
 @click.command("transplant")
@@ -191,8 +210,9 @@ def apply_cmd(recipe, input_, output, model, sets, dry_run, as_json, no_progress
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--in-place", is_flag=True, help=IN_PLACE_HELP + " (instead of -o OUTPUT)")
+@click.option("--step", type=int, default=None, help=STEP_HELP)
 def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_run, as_json,
-                   in_place):
+                   in_place, step):
     """Copy layers and their slots from SRC to DST.
 
     Weights and optimizer slots of the chosen layers of SRC go into DST, written to
@@ -205,19 +225,23 @@ def transplant_cmd(src, dst, output, layers, slots, on_mismatch, iteration, dry_
       surgeon transplant a.keras b.keras -o c.keras --layers 'encoder/*=backbone/*' --slots reset
     """
     from surgeon.core.errors import SurgeonError
-    from surgeon.recipe import Recipe, check_iteration, declare
-    from surgeon.recipe.schema import Where
     if output is None and not in_place:
         raise SurgeonError("transplant needs -o OUTPUT (or --in-place to edit DST where it lies)")
-    where = Where("surgeon transplant", 0)
-    if not layers:
-        layers = ("*",)
-    spec = declare("transplant", {"source": src, "layers": list(layers), "slots": slots,
-                                  "on_mismatch": on_mismatch}, where)
-    text = " ".join(["surgeon transplant"] + sys.argv[2:])
-    rec = Recipe(input=dst, output=output, ops=(spec,), iteration=check_iteration(iteration, where),
-                 path="surgeon transplant", text=text, where=where)
-    _run(rec, dry_run, as_json, True, in_place=in_place)
+    # the edited file itself is not hashed in place (see surgeon.recipe.in_place)
+    with _early(dry_run, True, [src] if in_place else [dst, src], dst,
+                None if in_place else output) as early:
+        from surgeon.recipe import Recipe, check_iteration, declare
+        from surgeon.recipe.schema import Where
+        where = Where("surgeon transplant", 0)
+        if not layers:
+            layers = ("*",)
+        spec = declare("transplant", {"source": src, "layers": list(layers), "slots": slots,
+                                      "on_mismatch": on_mismatch}, where)
+        text = " ".join(["surgeon transplant"] + sys.argv[2:])
+        rec = Recipe(input=dst, output=output, ops=(spec,), iteration=check_iteration(iteration, where),
+                     path="surgeon transplant", text=text, where=where)
+        with select_step([src, dst], step):
+            _run(rec, dry_run, as_json, True, in_place=in_place, early=early)
 
 
 @click.command("log")
@@ -227,7 +251,7 @@ def log_cmd(checkpoint, as_json):
     """Print the surgery log embedded in a file.
 
     Every surgeon output carries its history (oldest first): tool version, recipe,
-    inputs with their sha256, what was done.
+    inputs with their content hash (sha256, or BLAKE3 where it is installed), what was done.
 
     \b
     Examples:
@@ -248,7 +272,7 @@ def log_cmd(checkpoint, as_json):
     for i, rec in enumerate(history, 1):
         try:
             plan = rec["plan"]
-            ins = ", ".join(f"{x['path']} ({(x.get('sha256') or '-')[:12]})" for x in rec["inputs"])
+            ins = ", ".join(f"{x['path']} ({_digest_text(x)})" for x in rec["inputs"])
             click.echo(f"#{i} {rec['time']} surgeon {rec['version']}  recipe {rec['recipe']['path']} "
                        f"(sha256 {rec['recipe']['sha256'][:12]})")
             click.echo(f"   inputs: {ins}")
@@ -267,6 +291,17 @@ def log_cmd(checkpoint, as_json):
                        + (f"; iteration -> {plan['iteration']['after']}" if plan.get("iteration") else ""))
         except (KeyError, TypeError) as exc:
             raise SurgeonError(f"{checkpoint}: surgery log record #{i} is malformed ({exc})") from None
+
+
+def _digest_text(entry) -> str:
+    """An input's content hash as ``surgeon log`` shows it: sha256 as 12 hex digits (as
+    always), another algorithm named (``blake3 1a2b...``), ``-`` when not hashed."""
+    from surgeon.formats.provenance import input_digest
+    got = input_digest(entry)
+    if got is None:
+        return "-"
+    algorithm, digest = got
+    return digest[:12] if algorithm == "sha256" else f"{algorithm} {digest[:12]}"
 
 
 def register(main):

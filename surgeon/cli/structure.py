@@ -43,6 +43,19 @@ def _common(f):
     return click.argument("model", type=click.Path())(f)
 
 
+def _pruning(noun, by_help):
+    """``--fraction`` and ``--by`` of the prune-* commands (``noun``: what goes)."""
+    def add(f):
+        f = click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
+                         help=by_help)(f)
+        return click.option("--fraction", type=float, required=True,
+                            help=f"Fraction of {noun} to remove.")(f)
+    return add
+
+
+_MHA_LAYER = click.option("--layer", required=True, help="MultiHeadAttention layer.")
+
+
 def _run(plan, output, dry_run, as_json):
     from surgeon import structure
     if not dry_run and not output:
@@ -145,9 +158,7 @@ def delete_channels_cmd(model, output, slots, dry_run, as_json, layer, channels)
 @click.command("prune-channels")
 @_common
 @click.option("--layer", required=True, help="Layer to prune (the producers widen accepts).")
-@click.option("--fraction", type=float, required=True, help="Fraction of channels to remove.")
-@click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
-              help="Channel score: norm of its kernel slice; the smallest go.")
+@_pruning("channels", "Channel score: norm of its kernel slice; the smallest go.")
 def prune_channels_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
     """Delete a layer's weakest channels.
 
@@ -223,7 +234,7 @@ def replace_layer_cmd(model, output, slots, dry_run, as_json, layer, layer_json,
 
 @click.command("delete-heads")
 @_common
-@click.option("--layer", required=True, help="MultiHeadAttention layer.")
+@_MHA_LAYER
 @click.option("--heads", required=True, help="Comma-separated head indices, e.g. 0,2.")
 def delete_heads_cmd(model, output, slots, dry_run, as_json, layer, heads):
     """Delete MultiHeadAttention heads.
@@ -242,10 +253,8 @@ def delete_heads_cmd(model, output, slots, dry_run, as_json, layer, heads):
 
 @click.command("prune-heads")
 @_common
-@click.option("--layer", required=True, help="MultiHeadAttention layer.")
-@click.option("--fraction", type=float, required=True, help="Fraction of heads to remove.")
-@click.option("--by", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
-              help="Head score: norm of its query/key/value kernels and output rows.")
+@_MHA_LAYER
+@_pruning("heads", "Head score: norm of its query/key/value kernels and output rows.")
 def prune_heads_cmd(model, output, slots, dry_run, as_json, layer, fraction, by):
     """Delete the weakest attention heads.
 

@@ -7,6 +7,7 @@ import sys
 import click
 
 from surgeon.core.tf import import_tf
+from surgeon.formats import STEP_HELP
 
 
 def _progress(total, enabled):
@@ -69,8 +70,9 @@ def _summary(res) -> str:
               default="default", help="tf.distribute strategy (multiworker reads TF_CONFIG).")
 @click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--step", type=int, default=None, help=STEP_HELP)
 def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, allow_missing,
-               reset_optimizer, strategy, deterministic, as_json):
+               reset_optimizer, strategy, deterministic, as_json, step):
     """Keep training with exact optimizer state.
 
     Weights AND optimizer state are restored by canonical name, then training continues.
@@ -86,6 +88,14 @@ def resume_cmd(checkpoint, data, steps, output, model, every, seed, batch_size, 
       surgeon resume fixtures/nested_adamw.weights.h5 --model fixtures/nested_adamw.keras \\
           --data recipes/example_data.py:nested_data --steps 5 -o /tmp/n.weights.h5 --json
     """
+    from surgeon.formats import select_step
+    with select_step([checkpoint], step):
+        _resume(checkpoint, data, steps, output, model, every, seed, batch_size, allow_missing,
+                reset_optimizer, strategy, deterministic, as_json)
+
+
+def _resume(checkpoint, data, steps, output, model, every, seed, batch_size, allow_missing,
+            reset_optimizer, strategy, deterministic, as_json):
     from surgeon.train import resume
     from surgeon.train.loop import check_arguments
     check_arguments(checkpoint, data, steps, output, model)  # before TensorFlow loads

@@ -24,13 +24,14 @@ import numpy as np
 
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint, open_writer
+from surgeon.convert import shards
 from surgeon.core.tree import slot_name
 
 NO_CONFIG = ("{label}: holds no model config; pass --like MODEL.keras or --like "
              "module:function (or --model for a .weights.h5)")
 # Formats whose reader needs TensorFlow and never holds a model config of its own.
 TF_FORMATS_WITHOUT_CONFIG = ("tf-checkpoint", "saved-model")
-TARGETS = {".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
+TARGETS = {".weights.json": "keras-weights-sharded", ".keras": "keras", ".weights.h5": "keras-weights-h5", ".h5": "legacy-h5",
            ".hdf5": "legacy-h5", ".orbax": "orbax"}
 
 
@@ -63,13 +64,17 @@ class ConvertReport:
 
 
 def target_format(dst) -> str:
+    from surgeon.formats import is_url
+    if is_url(dst):
+        return "orbax"  # the one format written to a kvstore URL (gs://, s3://, file://...)
     name = str(dst).lower()
-    for ext in (".weights.h5", ".keras", ".h5", ".hdf5", ".orbax"):
+    for ext in (".weights.json", ".weights.h5", ".keras", ".h5", ".hdf5", ".orbax"):
         if name.endswith(ext):
             return TARGETS[ext]
     if name.endswith((".ckpt", ".index")) or "." not in Path(name).name:
         return "tf-checkpoint"  # a prefix: tf.train.Checkpoint(model=, optimizer=).write()
-    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5, .h5, a "
+    raise SurgeonError(f"{dst}: unknown output format; use .keras, .weights.h5, .weights.json "
+                       "(sharded), .h5, a "
                        "TF checkpoint prefix (name.ckpt, or a name without extension) or an "
                        "Orbax checkpoint directory (name.orbax)")
 
@@ -262,21 +267,14 @@ def _optimizer(src, compile_config, mode, report, label):
     opt, notes = sk.optimizer_from(cls, cfg, label)
     report.notes += notes
     if getattr(info, "wrapper", None):  # mixed precision: the same LossScaleOptimizer layout
-        from surgeon.core.tf import import_keras
-        opt = import_keras().optimizers.LossScaleOptimizer(opt)
+        from surgeon.core.tf import import_keras_light
+        opt = import_keras_light().optimizers.LossScaleOptimizer(opt)
         report.notes.append(f"{cls} wrapped in a LossScaleOptimizer, as in the source")
     report.optimizer = cls
     loss = None
     tc = getattr(src, "training_config", None) or compile_config or {}
     loss = sk._loss(tc.get("loss"))
     return opt, loss
-
-
-def _cast(arr, dtype):
-    arr = np.asarray(arr)
-    if str(arr.dtype) != dtype and dtype != "bfloat16":
-        arr = arr.astype(dtype)
-    return arr
 
 
 def _assets(src, skel, fmt, report):
@@ -306,21 +304,23 @@ def _writer(dst, skel, src):
     return OrbaxWriter(skel, dst, step=getattr(info, "iterations", None) or 0)
 
 
-def _fill(src, skel, dst, report, log=None, carry=None):
+def _fill(src, skel, dst, report, log=None, carry=None, lazy=None):
+    from surgeon.convert.lazy import fill_unwritten
     with _writer(dst, skel, src) as w:
         for member, data in (carry or {}).items():
             w.set_member(member, data)
+        written = set()
         for p in report.pairs:
             if p.source is None:
                 continue
-            t = skel.entry(p.target)
-            arr = src.read(p.source)
-            if tuple(arr.shape) != t.shape:
-                arr = np.asarray(arr).reshape(t.shape) if np.asarray(arr).size == t.size else arr
-            arr = _cast(arr, t.dtype)
+            arr = shards.value(src, skel, p.target, p.source)
             w.write(p.target, arr)
+            written.add(p.target)
             if p.target == "optimizer/iteration":
                 report.iterations = int(np.asarray(arr).reshape(-1)[0])
+            del arr  # one source tensor in memory at a time
+        if lazy is not None:
+            fill_unwritten(w, skel, lazy, written)
         if log is not None:
             log(w)
         w.finalize()
@@ -336,7 +336,8 @@ def _check_before_tensorflow(src_path, like, model):
         raise SurgeonError(NO_CONFIG.format(label=src_path))
 
 
-def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, model=None):
+def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, model=None,
+            executor=None, max_shard_size=None):
     """Convert ``src_path`` to ``dst`` (format from the extension), optimizer state included.
 
     Args:
@@ -347,6 +348,11 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
         optimizer: ``keep`` (move slots and iteration) or ``drop``.
         allow_missing: keep Keras' initial values for target tensors with no source.
         model: for a bare ``.weights.h5`` source, its ``.keras``/``config.json``.
+        executor: who writes the output (``surgeon.make_executor("local"|"pool"|"ray",
+            workers, address)``); pool and Ray write a sharded ``.weights.json`` target, one
+            task per output shard (every worker must see the paths: a shared filesystem).
+        max_shard_size: shard size of a ``.weights.json`` target in GB (default: the
+            source's largest shard when it is sharded, else 5).
     Returns:
         ConvertReport.
     Example:
@@ -357,21 +363,32 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
         raise SurgeonError(f"--optimizer must be keep or drop, not {optimizer!r}")
     from surgeon.core import atomic
     from surgeon.formats import detect
+    from surgeon.formats import is_url
     fmt = target_format(dst)
-    dst = Path(dst)
-    atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
-    if not dst.parent.exists():
-        raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    if not is_url(dst):
+        dst = Path(dst)
+        atomic.check_output(dst, [src_path, model, like if like and ":" not in str(like) else None])
+        if not dst.parent.exists():
+            raise SurgeonError(f"{dst}: output directory {dst.parent} does not exist")
+    shards.check_executor(executor, fmt, dst)
+    shard_gb = shards.max_shard_gb(src_path, max_shard_size) if fmt == "keras-weights-sharded" else None
     _check_before_tensorflow(src_path, like, model)
     args = {"source": src_path, "output": dst, "like": like, "optimizer": optimizer,
             "allow_missing": allow_missing, "model": model}
     report = ConvertReport(str(src_path), str(dst), fmt)
-    tmpdir = tempfile.mkdtemp(prefix="surgeon-convert-")
+    from surgeon.formats.provenance import Hasher
+    hasher = Hasher()  # the inputs' content hashes, on another core while Keras loads
+    for p in (src_path, model, like if like and ":" not in str(like) else None):
+        if p is not None:
+            hasher.start(p)
+    spread = getattr(executor, "name", "local") != "local"  # workers read the skeleton: beside dst
+    tmpdir = atomic.temp_dir(dst) if spread else tempfile.mkdtemp(prefix="surgeon-convert-")
     try:
         # a TF source takes its nested models' names from --like MODEL.keras's config
         namer = model if model is not None or like is None or ":" in str(like) or \
             detect(src_path) not in TF_FORMATS_WITHOUT_CONFIG else like
         with open_checkpoint(src_path, model=namer) as src:
+            _load_keras(fmt)
             if model is not None and not getattr(src, "model_json", None):
                 from surgeon.formats.keras_h5 import read_model_json
                 src.model_json = read_model_json(model)
@@ -379,27 +396,52 @@ def convert(src_path, dst, like=None, optimizer="keep", allow_missing=False, mod
             report.notes += notes
             opt, loss = _optimizer(src, compile_config, optimizer, report, str(src_path))
             from surgeon.convert import skeleton as sk
-            skel_path, skel_model = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir)
+            skel_path, skel_model, lazy = sk.compile_and_save(kmodel, opt, loss, fmt, tmpdir,
+                                                              shard_gb)
             with open_checkpoint(skel_path, model=skel_model) as skel:
                 plan_pairs(src, skel, report, allow_missing)
                 carry = _assets(src, skel, fmt, report)
-                _fill(src, skel, dst, report, _logger(src_path, args, report, fmt), carry)
+                if spread:
+                    job = {"src": str(src_path), "namer": namer, "model": model,
+                           "skel": str(skel_path), "skel_model": skel_model}
+                    shards.fill_sharded(
+                        executor, skel, dst, report, job,
+                        lambda info: _history(src_path, args, report, fmt, info, hasher))
+                else:
+                    info = shards.local_info()
+                    _fill(src, skel, dst, report,
+                          _logger(src_path, args, report, fmt, info, hasher), carry, lazy)
     finally:
+        hasher.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report
 
 
-def _logger(src_path, args, report, fmt):
-    """Embeds the surgery log (the source's history, then this conversion) in the output."""
+def _history(src_path, args, report, fmt, executor_info, hasher=True):
+    """The surgery log of the output: the source's history, then this conversion."""
+    from surgeon.formats import provenance
+    like = args["like"] if args["like"] and ":" not in str(args["like"]) else None
+    summary = {"format": fmt, "optimizer": report.optimizer, "iterations": report.iterations,
+               "tensors": sum(1 for p in report.pairs if p.source is not None),
+               "kept": [p.target for p in report.pairs if p.how == "kept"],
+               "unmatched_source": list(report.unmatched_source), "notes": list(report.notes)}
+    rec = provenance.command_record("convert", args, {"input": src_path, "model": args["model"],
+                                                      "like": like}, summary, hash_inputs=hasher)
+    return provenance.chained(src_path, rec | {"executor": executor_info})
+
+
+def _load_keras(fmt):
+    """Keras for the skeleton: on TensorFlow when the target needs it, else the light one
+    (no TensorFlow in a CLI process; see ``surgeon.core.tf.import_keras_light``)."""
+    from surgeon.convert import skeleton as sk
+    from surgeon.core.tf import import_keras, import_keras_light
+    return import_keras() if sk.needs_tensorflow(fmt) else import_keras_light()
+
+
+def _logger(src_path, args, report, fmt, executor_info, hasher=True):
+    """Embeds the surgery log in the output being written."""
     from surgeon.formats import provenance
 
     def log(writer):
-        like = args["like"] if args["like"] and ":" not in str(args["like"]) else None
-        summary = {"format": fmt, "optimizer": report.optimizer, "iterations": report.iterations,
-                   "tensors": sum(1 for p in report.pairs if p.source is not None),
-                   "kept": [p.target for p in report.pairs if p.how == "kept"],
-                   "unmatched_source": list(report.unmatched_source), "notes": list(report.notes)}
-        rec = provenance.command_record("convert", args, {"input": src_path, "model": args["model"],
-                                                          "like": like}, summary)
-        provenance.embed(writer, fmt, provenance.chained(src_path, rec))
+        provenance.embed(writer, fmt, _history(src_path, args, report, fmt, executor_info, hasher))
     return log

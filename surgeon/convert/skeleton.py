@@ -4,6 +4,12 @@ optimizer, the optimizer built, saved by Keras itself in the target format.
 Only Keras writes the layout Keras will read back, so surgeon lets Keras write an empty
 copy and then fills every tensor from the source losslessly. Configs come from files, so
 they are data: a Lambda layer (marshalled Python bytecode) is refused, never executed.
+
+For ``.keras`` and ``.weights.h5`` targets Keras is only asked for configs and a layout:
+it runs on its light backend when the CLI allows it (``import_keras_light``: TensorFlow
+never loads) and builds the model without weight values (:mod:`~surgeon.convert.lazy`).
+The other targets need Keras on TensorFlow (``convert`` loads it first, see
+``needs_tensorflow``); every function here uses the Keras already loaded.
 """
 from __future__ import annotations
 
@@ -14,8 +20,18 @@ import re
 import warnings
 from pathlib import Path
 
-from surgeon.core.tf import import_keras, import_tf, tf_module
+from surgeon.core.tf import import_keras_light, import_tf, light_module
 from surgeon.core.errors import SurgeonError
+from surgeon.convert import lazy as lazy_mod
+
+# Targets whose skeleton Keras writes through its H5 weight store (lazily, on any backend).
+LAZY_FORMATS = ("keras", "keras-weights-h5")
+
+
+def needs_tensorflow(fmt) -> bool:
+    """Whether writing ``fmt``'s skeleton needs Keras on TensorFlow (TF checkpoints,
+    Orbax, legacy H5 through Keras' legacy saver)."""
+    return fmt not in LAZY_FORMATS
 
 # Arguments Keras 3 removed, dropped from legacy configs before deserialising.
 REMOVED_ARGS = {"Embedding": ("input_length",), "LSTM": ("time_major",), "GRU": ("time_major",),
@@ -105,8 +121,8 @@ def model_from_config(config, label):
         raise SurgeonError(f"{label}: model config holds a Lambda layer ({name}) with stored "
                            "Python code, which surgeon never executes; pass --like MODEL.keras "
                            "or --like module:function to give the model structure")
-    keras = import_keras()
-    saving_utils = tf_module("keras.src.legacy.saving.saving_utils")
+    keras = import_keras_light()
+    saving_utils = light_module("keras.src.legacy.saving.saving_utils")
     config = copy.deepcopy(config)
     dropped = []
     _sequential_input(config, dropped)
@@ -117,9 +133,11 @@ def model_from_config(config, label):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if "module" in config:
-                    model = keras.saving.deserialize_keras_object(config)
+                    model = lazy_mod.build_lazily(
+                        lambda: keras.saving.deserialize_keras_object(copy.deepcopy(config)))
                 else:
-                    model = saving_utils.model_from_config(config)
+                    model = lazy_mod.build_lazily(
+                        lambda: saving_utils.model_from_config(copy.deepcopy(config)))
             notes = [f"config upgraded for Keras 3: dropped {d}" for d in dropped]
             return model, notes
         except (ValueError, TypeError) as exc:
@@ -142,7 +160,7 @@ def check_like(like):
 def model_from_like(like):
     """A Keras model from ``--like``: a ``.keras`` file or ``module:function``."""
     check_like(like)
-    keras = import_keras()
+    keras = import_keras_light()
     if ":" in str(like) and not Path(like).exists():
         mod, _, fn = str(like).partition(":")
         try:
@@ -167,7 +185,7 @@ def model_from_like(like):
 def optimizer_from(class_name, config, label):
     """A Keras 3 optimizer from a (possibly Keras 2) optimizer class and config; (opt, notes)."""
     import inspect
-    keras = import_keras()
+    keras = import_keras_light()
     cls = getattr(keras.optimizers, class_name or "", None)
     if cls is None or not isinstance(cls, type):
         raise SurgeonError(f"{label}: optimizer {class_name!r} has no Keras 3 equivalent; "
@@ -181,17 +199,26 @@ def optimizer_from(class_name, config, label):
             cfg[k2] = v
         elif k not in ("name", "is_legacy_optimizer") and v not in (0, 0.0, None, False):
             notes.append(f"optimizer argument {k}={v} has no Keras 3 equivalent; dropped")
-    # the class's own default name ("adam"): an auto name would be uniquified ("adam_4")
+    # the class's own default name ("adam"): an auto name (name=None, Keras 3's default)
+    # would be uniquified per process ("adam_1" on a second convert: different bytes)
     default = inspect.signature(cls.__init__).parameters.get("name")
-    cfg["name"] = default.default if default and isinstance(default.default, str) else None
+    cfg["name"] = default.default if default and isinstance(default.default, str) else \
+        _snake_case(cls.__name__)
     try:
         return cls.from_config(cfg), notes  # from_config also rebuilds learning-rate schedules
     except (TypeError, ValueError) as exc:
         raise SurgeonError(f"{label}: cannot create Keras 3 {class_name}: {exc}") from None
 
 
+def _snake_case(name):
+    """Keras' ``to_snake_case`` (its auto name's prefix): ``Adam`` -> ``adam``."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
 def _loss(loss):
-    keras = import_keras()
+    keras = import_keras_light()
     if isinstance(loss, str):
         try:
             fn = keras.losses.get(loss)  # aliases ("mse") -> full names, which every
@@ -206,14 +233,20 @@ def _loss(loss):
     return None
 
 
-def compile_and_save(model, opt, loss, fmt, tmpdir):
-    """Compile ``model`` with ``opt`` (or not, if None), build it, save in ``fmt``; paths."""
+def compile_and_save(model, opt, loss, fmt, tmpdir, max_shard_size=None):
+    """Compile ``model`` with ``opt`` (or not, if None), build it, save in ``fmt``
+    (``max_shard_size``: GB per shard of a sharded ``.weights.json``): (skeleton path, model
+    path naming it or None, ``LazyValues`` of its empty datasets)."""
     if opt is not None:
-        model.compile(optimizer=opt, loss=loss)
-        opt.build(model.trainable_variables)
+        model.compile(optimizer=opt, loss=loss, jit_compile=lazy_mod.jit_compile_as_tensorflow())
+        lazy_mod.build_lazily(lambda: opt.build(model.trainable_variables))
     tmpdir = Path(tmpdir)
+    lazy = lazy_mod.LazyValues()
     try:
-        return _save(model, fmt, tmpdir)
+        if fmt not in LAZY_FORMATS:
+            return (*_save(model, fmt, tmpdir, max_shard_size), lazy)
+        with lazy_mod.recording(lazy):
+            return (*_save(model, fmt, tmpdir, max_shard_size), lazy)
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - Keras refuses to write this model in fmt
@@ -222,7 +255,7 @@ def compile_and_save(model, opt, loss, fmt, tmpdir):
                            "; choose another output format (.keras)") from None
 
 
-def _save(model, fmt, tmpdir):
+def _save(model, fmt, tmpdir, max_shard_size=None):
     keras_path = tmpdir / "skeleton.keras"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -234,6 +267,10 @@ def _save(model, fmt, tmpdir):
         if fmt == "keras-weights-h5":
             out = tmpdir / "skeleton.weights.h5"
             model.save_weights(out)
+            return out, keras_path
+        if fmt == "keras-weights-sharded":
+            out = tmpdir / "skeleton.weights.json"
+            model.save_weights(out, max_shard_size=max_shard_size)
             return out, keras_path
         if fmt == "legacy-h5":
             out = tmpdir / "skeleton.h5"
@@ -250,7 +287,7 @@ def _save(model, fmt, tmpdir):
 
 def _orbax_skeleton(model, root):
     """The layout Keras' own ``OrbaxCheckpoint`` callback writes for ``model`` (step 0)."""
-    keras = import_keras()
+    keras = import_keras_light()
     try:
         cb = keras.callbacks.OrbaxCheckpoint(str(root.resolve()), save_on_background=False)
     except ImportError:

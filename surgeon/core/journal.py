@@ -27,7 +27,6 @@ of that write first), or at the first step of a kind (``journal``, ``patch``, ``
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SurgeonError, WriteError
+from .rawfile import PositionedFile
 
 SUFFIX = ".surgeon-journal"
 MAGIC = b"SURGEON-JOURNAL\x01"
@@ -50,7 +50,7 @@ def journal_path(path) -> Path:
 
 
 # -- the overlay: writes kept in memory until commit -------------------------------------
-class Overlay(io.RawIOBase):
+class Overlay(PositionedFile):
     """Read-write view of the file at ``path`` that never writes it: reads see the file
     with this object's writes and truncations applied; ``commit`` writes them."""
 
@@ -63,37 +63,23 @@ class Overlay(io.RawIOBase):
         self._limit = self.base_size  # base bytes at or past this offset read as zeros
         self._pages = {}
         self._diffs = {}  # page -> (end, differing span of the page), until it is written
-        self._pos = 0
+        self._old_cache = {}
 
-    # file protocol (h5py and zipfile use these)
-    def readable(self):
-        return True
-
+    # file protocol (h5py and zipfile use these; positions kept by PositionedFile)
     def writable(self):
         return True
 
-    def seekable(self):
-        return True
+    def _end(self):
+        return self.size
 
-    def tell(self):
-        return self._pos
+    def _read_at(self, off, view):
+        n = max(0, min(len(view), self.size - off))
+        self._fill(off, view[:n])  # straight into the caller's buffer
+        return n
 
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos, 2: self.size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf):
-        data = self.pread(self._pos, len(buf))
-        memoryview(buf)[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        self.pwrite(self._pos, data)
-        self._pos += len(data)
-        return len(data)
+    def _write_at(self, off, view):
+        self.pwrite(off, view)
+        return len(view)
 
     def truncate(self, size=None):
         size = self._pos if size is None else size
@@ -115,26 +101,35 @@ class Overlay(io.RawIOBase):
         if not self.closed:
             self._f.close()
             self._pages.clear()
+            self._old_cache.clear()
         super().close()
 
     # positioned access
-    def _base(self, off, n) -> bytes:
-        """The file's bytes [off, off + n) as the overlay sees them without its pages."""
-        n_real = max(0, min(n, self._limit - off))
-        data = os.pread(self._f.fileno(), n_real, off) if n_real else b""
-        return data + bytes(n - len(data))
+    def _base_into(self, off, view):
+        """Fill ``view`` with the file's bytes at ``off`` as the overlay sees them without
+        its pages (zeros past ``_limit``): read straight into it, no intermediate copy."""
+        n = len(view)
+        n_real, got = max(0, min(n, self._limit - off)), 0
+        while got < n_real:
+            k = os.preadv(self._f.fileno(), [view[got:n_real]], off + got)
+            if k == 0:
+                break
+            got += k
+        if got < n:
+            view[got:] = bytes(n - got)
 
     def _page(self, i, whole=False):
         p = self._pages.get(i)
         if p is None:
-            p = bytearray(PAGE) if whole else bytearray(self._base(i * PAGE, PAGE))
+            p = bytearray(PAGE)
+            if not whole:
+                self._base_into(i * PAGE, memoryview(p))
             self._pages[i] = p
         return p
 
-    def pread(self, off, n) -> bytes:
-        n = max(0, min(n, self.size - off))
-        out = bytearray(n)
-        view, pos = memoryview(out), 0
+    def _fill(self, off, view):
+        """Fill ``view`` with the overlay's bytes at ``off`` (within ``size``)."""
+        n, pos = len(view), 0
         while pos < n:
             i, o = divmod(off + pos, PAGE)
             k = min(n - pos, PAGE - o)
@@ -142,11 +137,24 @@ class Overlay(io.RawIOBase):
             if p is None:  # a run of pages not in memory: one read
                 while pos + k < n and (off + pos + k) // PAGE not in self._pages:
                     k = min(n - pos, k + PAGE)
-                view[pos:pos + k] = self._base(off + pos, k)
+                self._base_into(off + pos, view[pos:pos + k])
             else:
                 view[pos:pos + k] = memoryview(p)[o:o + k]
             pos += k
-        return bytes(out)
+
+    def pread(self, off, n) -> bytearray:
+        n = max(0, min(n, self.size - off))
+        out = bytearray(n)
+        self._fill(off, memoryview(out))
+        return out
+
+    def _old(self, off, n) -> bytes:
+        """The file's own bytes [off, off + n) (cached: the file is not written before
+        ``commit``, and ``changes`` is asked more than once)."""
+        key = (off, n)
+        if key not in self._old_cache:
+            self._old_cache[key] = os.pread(self._f.fileno(), n, off)
+        return self._old_cache[key]
 
     def pwrite(self, off, data):
         data = memoryview(data).cast("B")
@@ -182,27 +190,32 @@ class Overlay(io.RawIOBase):
                 spans[-1][1] = b
             else:
                 spans.append([a, b])
-        out = [(a, os.pread(self._f.fileno(), b - a, a), self.pread(a, b - a)) for a, b in spans]
+        out = [(a, self._old(a, b - a), self.pread(a, b - a)) for a, b in spans]
         return out, tail
 
     def _compare(self, run, end):
         """Record, for each page of ``run`` (below ``end``), the span of its bytes that
         differ from the file's (None: none): the first and last differing bytes for pages
-        at the edges of a changed stretch, the whole page inside one."""
+        at the edges of a changed stretch, the whole page inside one. Pages are compared
+        whole (``memcmp``); only a changed page at an edge is looked at byte by byte."""
         start, stop = run[0] * PAGE, min((run[-1] + 1) * PAGE, end)
-        new = np.frombuffer(b"".join(self._pages[i] for i in run), np.uint8)[:stop - start]
-        old = np.frombuffer(os.pread(self._f.fileno(), stop - start, start), np.uint8)
-        differ = np.zeros(len(run) * PAGE, bool)
-        differ[:stop - start] = new != old
-        differ = differ.reshape(len(run), PAGE)
-        changed = differ.any(1)
+        old = memoryview(os.pread(self._f.fileno(), stop - start, start))
+        changed = []
+        for k, i in enumerate(run):
+            a, b = k * PAGE, min((k + 1) * PAGE, stop - start)
+            page = self._pages[i]
+            changed.append((page if b - a == PAGE else page[:b - a]) != old[a:b])
         for k, i in enumerate(run):
             span = None
             if changed[k]:
                 inner = 0 < k < len(run) - 1 and changed[k - 1] and changed[k + 1]
-                row = differ[k]
-                span = (0, PAGE) if inner else \
-                    (int(row.argmax()), PAGE - int(row[::-1].argmax()))
+                if inner:
+                    span = (0, PAGE)
+                else:
+                    a, b = k * PAGE, min((k + 1) * PAGE, stop - start)
+                    row = np.frombuffer(self._pages[i], np.uint8, b - a) != \
+                        np.frombuffer(old[a:b], np.uint8)
+                    span = (int(row.argmax()), b - a - int(row[::-1].argmax()))
             self._diffs[i] = (end, span)
 
 
@@ -269,7 +282,8 @@ def _journal_bytes(old_size, spans, tail) -> list:
                        "ranges": len(spans) + 1}).encode()
     parts = [MAGIC + struct.pack("<Q", len(head)) + head]
     for off, old, _ in spans:
-        parts.append(struct.pack("<QQ", off, len(old)) + old)
+        parts.append(struct.pack("<QQ", off, len(old)))
+        parts.append(old)  # as it is (no concatenated copy)
     parts.append(struct.pack("<QQ", tail, old_size - tail))  # the dropped tail, read below
     return parts
 
@@ -288,7 +302,10 @@ def commit(overlay: Overlay) -> int:
     parts = _journal_bytes(old_size, spans, tail)
     parts[-1] += old_tail
     import hashlib
-    digest = hashlib.sha256(b"".join(parts)).digest()
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    digest = h.digest()
     try:
         jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -51,8 +51,16 @@ def _h5_kind(path: Path) -> str:
     return "keras-weights-h5"
 
 
+def is_url(path) -> bool:
+    """Whether ``path`` is a TensorStore kvstore URL (``gs://``, ``s3://``, ``file://``,
+    ``memory://``) or spec (a dict): Orbax checkpoints only, read and written by TensorStore."""
+    return isinstance(path, dict) or "://" in str(path)
+
+
 def detect(path) -> str:
     """The format name of ``path`` (a key of ``REGISTRY``)."""
+    if is_url(path):
+        return "orbax"  # the one format read through TensorStore (its reader checks the layout)
     path = Path(path)
     if not path.exists():
         if Path(str(path) + ".index").exists():
@@ -86,6 +94,16 @@ def detect(path) -> str:
     raise FormatError(f"{path}: unknown checkpoint format; supported: {SUPPORTED}")
 
 
+def select_step(paths, step):
+    """Context manager: Orbax roots among ``paths`` are opened at ``step`` (``--step N``)
+    instead of their latest step; refuses when none of ``paths`` is such a root."""
+    from .orbax_layout import select_step as select
+    return select(paths, step)
+
+
+STEP_HELP = "For Orbax roots of numbered steps among the inputs: the step to read (default: the latest)."
+
+
 def _module(fmt):
     import importlib
     mod, opener, writer = REGISTRY[fmt]
@@ -117,7 +135,7 @@ def open_checkpoint(path, model=None, step=None):
     module, opener, _ = _module(fmt)
     from surgeon.core import atomic
     inputs = [path] + ([model] if model is not None else [])
-    tokens = [atomic.protect(p) for p in inputs]  # no write may touch it while it is open
+    tokens = [atomic.protect(p) for p in inputs if not is_url(p)]  # no write may touch it while it is open
     try:
         extra = {"step": step} if step is not None else {}
         if step is not None and fmt != "orbax":
@@ -184,10 +202,15 @@ def open_writer(target, like):
     every tensor not written is copied as stored. Use as a context manager and call
     ``finalize()``; on error nothing appears at ``target``."""
     from surgeon.core import atomic
+    if is_url(target):
+        if like.format != "orbax":
+            raise SurgeonError(f"{target}: only Orbax checkpoints are written to a kvstore URL; "
+                               f"this input is {like.format}: write a local file")
+        return _module("orbax")[0].OrbaxWriter(like, target)
     target = Path(target)
     if not target.parent.exists():
         raise SurgeonError(f"{target}: output directory {target.parent} does not exist")
-    atomic.check_output(target, [like.path])
+    atomic.check_output(target, [] if is_url(like.path) else [like.path])
     check_output_name(target, like.format, like.path)
     module, _, writer = _module(like.format)
     if writer is None:

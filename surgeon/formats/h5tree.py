@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import h5py
-from h5py import h5a, h5o, h5t
+from h5py import h5a, h5d, h5o, h5t
 
 from .h5heap import HeapGuard
 
@@ -28,6 +28,7 @@ class DS:
     dtype: object
     attrs: dict
     file_index: int = 0
+    raw: tuple | None = None  # (offset in its file, nbytes) when readable as plain bytes (raw_extent)
 
 
 @dataclass
@@ -98,22 +99,57 @@ def _ensure(root, path):
 
 
 def snapshot(files) -> Node:
-    """Merge the structure of ``files`` (open h5py.File objects) into one Node tree."""
+    """Merge the structure of ``files`` (open h5py.File objects) into one Node tree.
+
+    One low-level ``H5Ovisit`` lists every object with its type and attribute count;
+    attributes are read only where there are some, and datasets are opened low-level
+    (h5py's high-level objects cost ~1 ms each: seconds on a ResNet50's 1,100 objects)."""
     root = Node()
     for index, f in enumerate(files):
         with _guard(f) as guard:
             root.attrs.update(_attrs(f, guard))
-
-            def visit(name, obj, index=index, guard=guard):
+            found = []
+            h5o.visit(f.id, lambda name, info: found.append((name, info.type, info.num_attrs)),
+                      info=True)
+            for key, kind, nattrs in found:
+                name = f._d(key)
                 parent, _, leaf = name.rpartition("/")
-                if isinstance(obj, h5py.Dataset):
-                    _ensure(root, parent).items[leaf] = DS(name, tuple(obj.shape), obj.dtype,
-                                                          _attrs(obj, guard), index)
+                if kind == h5o.TYPE_DATASET:
+                    dsid = h5d.open(f.id, key)
+                    attrs = _attrs(f[name], guard) if nattrs else {}
+                    _ensure(root, parent).items[leaf] = DS(name, tuple(dsid.shape), dsid.dtype, attrs,
+                                                          index, raw_extent(dsid))
                 else:
-                    _ensure(root, name).attrs.update(_attrs(obj, guard))
-
-            f.visititems(visit)
+                    node = _ensure(root, name)
+                    if nattrs:
+                        node.attrs.update(_attrs(f[name], guard))
     return root
+
+
+RAW_CLASSES = (h5t.INTEGER, h5t.FLOAT)
+
+
+def raw_extent(dsid):
+    """``(offset, nbytes)`` of a dataset whose value is exactly its stored bytes (contiguous,
+    unfiltered, allocated, numbers or 2-byte opaque/bfloat16, as large as its shape says),
+    else None (read through h5py)."""
+    try:
+        tid = dsid.get_type()
+        cls, size = tid.get_class(), tid.get_size()
+        if not (cls in RAW_CLASSES or (cls == h5t.OPAQUE and size == 2)) or dsid.dtype.itemsize != size:
+            return None
+        plist = dsid.get_create_plist()
+        if plist.get_layout() != h5d.CONTIGUOUS or plist.get_nfilters():
+            return None
+        n = size
+        for d in dsid.shape or ():
+            n *= int(d)
+        off = dsid.get_offset()
+        if off is None or n == 0 or dsid.get_storage_size() != n:
+            return None
+        return (int(off), n)
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError):
+        return None
 
 
 class _guard:

@@ -21,11 +21,10 @@ import zlib
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from surgeon.core import journal
 from surgeon.core.errors import SurgeonError, WriteError
-from .keras_patch import _PatchBase, crc32_combine, crc32_zeros
+from .keras_patch import _PatchBase, _multmodp, _x2nmodp, crc32_combine, crc32_zeros
 from .keras_zip import WEIGHTS, _data_offset
 from .window import Window
 
@@ -62,12 +61,10 @@ class _MemberWindow(Window):
     def writable(self):
         return True
 
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        self._f.pwrite(self._start + self._pos, data)
-        self._pos += len(data)
-        self.size = max(self.size, self._pos)
-        return len(data)
+    def _write_at(self, off, view):
+        self._f.pwrite(self._start + off, view)
+        self.size = max(self.size, off + len(view))
+        return len(view)
 
     def truncate(self, size=None):
         size = self._pos if size is None else size
@@ -152,14 +149,14 @@ class InPlaceZipWriter(InPlaceH5Writer):
         pieces = [(a - start, o, n) for a, o, n in spans if start <= a < start + old]
         if size > old:
             pieces.append((old, bytes(size - old), self._ov.pread(start + old, size - old)))
-        zeros = crc32_zeros(size)
         for pos, o, n in pieces:
             k = min(len(n), old - pos) if pos < old else len(n)
             o = o[:k].ljust(k, b"\0")
-            diff = np.bitwise_xor(np.frombuffer(o, np.uint8), np.frombuffer(n[:k], np.uint8)).tobytes()
+            # the CRC's linear part of (old XOR new) = that of old XOR that of new, so the
+            # two are hashed as they are (no XORed copy); then shifted past the bytes after
+            linear = zlib.crc32(o, 0xFFFFFFFF) ^ zlib.crc32(memoryview(n)[:k], 0xFFFFFFFF)
             after = size - pos - k
-            c = crc32_combine(crc32_combine(crc32_zeros(pos), zlib.crc32(diff), k), crc32_zeros(after), after)
-            crc ^= c ^ zeros
+            crc ^= _multmodp(_x2nmodp(after, 3), linear) if after else linear
         return crc
 
     def _patch_local_header(self, crc):

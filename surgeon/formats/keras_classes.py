@@ -42,8 +42,8 @@ def from_config(model_json) -> KerasVars | None:
     not available in this process or the model cannot be rebuilt."""
     if not isinstance(model_json, dict) or "keras" not in sys.modules:
         return None
-    from surgeon.core.tf import import_keras
-    keras = import_keras()
+    from surgeon.core.tf import import_keras_light
+    keras = import_keras_light()  # whichever Keras is loaded (see the check above)
     config = {k: copy.deepcopy(model_json[k]) for k in ("module", "class_name", "config", "registered_name",
                                          "build_config") if k in model_json}
     try:
@@ -58,8 +58,8 @@ def from_config(model_json) -> KerasVars | None:
 
 
 def _walk(model):
-    from surgeon.core.tf import tf_module
-    saving_lib = tf_module("keras.src.saving.saving_lib")
+    from surgeon.core.tf import light_module
+    saving_lib = light_module("keras.src.saving.saving_lib")
     store = _recorder(saving_lib)
     try:
         saving_lib._save_state(model, store, None, "", set())

@@ -11,6 +11,7 @@ and the central directory is rewritten. Same protocol as the other writers.
 """
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 import zlib
@@ -56,9 +57,38 @@ def _x2nmodp(n, k):
     return p
 
 
+def _py_combine(crc1, crc2, len2):
+    return _multmodp(_x2nmodp(len2, 3), crc1) ^ (crc2 & 0xFFFFFFFF)
+
+
+_COMBINE = []  # zlib's own crc32_combine64 through ctypes (~100x faster), checked once
+
+
+def _combiner():
+    if not _COMBINE:
+        fn = _py_combine
+        try:
+            import ctypes
+            c = ctypes.CDLL("libz.so.1").crc32_combine64
+            c.restype, c.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int64]
+            if all(c(a, b, n) == _py_combine(a, b, n) for a, b, n in
+                   ((0x12345678, 0x9ABCDEF0, 1), (0xDEADBEEF, 7, 300_000_017), (1, 0, 1 << 40))):
+                fn = c
+        except (OSError, AttributeError, TypeError):
+            pass
+        _COMBINE.append(fn)
+    return _COMBINE[0]
+
+
 def crc32_combine(crc1, crc2, len2):
     """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
-    return _multmodp(_x2nmodp(len2, 3), crc1) ^ (crc2 & 0xFFFFFFFF)
+    return _combiner()(crc1, crc2 & 0xFFFFFFFF, len2) if len2 else crc1 ^ (crc2 & 0xFFFFFFFF)
+
+
+def crc_shift(linear, after):
+    """The CRC's linear part ``linear`` moved ``after`` zero bytes on (x^(8 after) mod P):
+    a few microseconds through zlib (every raw write of a ``.keras`` member pays one)."""
+    return _combiner()(linear, 0, after) if after else linear
 
 
 def crc32_zeros(n):
@@ -78,8 +108,8 @@ def crc32_delta(diff, after):
     before its end: the CRC's linear part of ``diff`` shifted by ``after`` zero bytes
     (independent of the position from the start and of the length: ~30 polynomial steps
     per write instead of three zero-run CRCs)."""
-    linear = zlib.crc32(diff, 0xFFFFFFFF) ^ 0xFFFFFFFF  # register starts and ends unxored
-    return _multmodp(_x2nmodp(after, 3), linear) if after else linear
+    linear = fastio.crc32(diff, 0xFFFFFFFF) ^ 0xFFFFFFFF  # register starts and ends unxored
+    return crc_shift(linear, after)
 
 
 class CrcTrackingFile(Window):
@@ -124,11 +154,11 @@ class CrcTrackingFile(Window):
         return size
 
 
-def clone_file(src, dst):
-    """Copy ``src`` to ``dst``: a reflink where the filesystem can, else a copy from an mmap
-    with writeback started as it goes (``surgeon.core.fastio.copy_file``); the mode bits
-    follow."""
-    fastio.copy_file(src, dst)
+def clone_file(src, dst, length=None):
+    """Copy ``src`` (its first ``length`` bytes) to ``dst``: a reflink where the filesystem
+    can, else a copy in the kernel with writeback started as it goes
+    (``surgeon.core.fastio.copy_file``); the mode bits follow."""
+    fastio.copy_file(src, dst, length=length)
 
 
 class _PatchBase:
@@ -138,7 +168,7 @@ class _PatchBase:
         from .rawpatch import RawSink
         self._h5 = h5py.File(source, "r+")
         self._raw_base = base
-        self.sink = RawSink(self._tmp, crc=crc)
+        self.sink = RawSink(self._tmp, crc=crc).background()
 
     def raw_regions(self, names) -> dict:
         """``{name: regions}`` for the pool's workers (``rawpatch.RawSink``); names whose
@@ -217,6 +247,7 @@ class PatchH5Writer(_PatchBase):
 
     def finalize(self):
         try:
+            self.sink.finish()
             self.sink.close()
             self._h5.close()
             atomic.commit(self._tmp, self.target)
@@ -254,15 +285,19 @@ class PatchZipWriter(_PatchBase):
         self._begin(self._setup)
 
     def _setup(self):
-        if self._clone:
-            self._clone.take()
-        else:
-            clone_file(self.reader.zip_path, self._tmp)
-        self._file = open(self._tmp, "r+b")
         self._winfo = next(i for i in self.reader.members if i.filename == WEIGHTS)
         self._data = _data_offset(self.reader.zip_path, self._winfo)
-        # drop the old central directory: bytes past the member must read as zeros
-        self._file.truncate(self._data + self._winfo.file_size)
+        end = self._data + self._winfo.file_size  # the copy needs no byte past the member
+        if self._clone:
+            self._clone.take()
+        if not self._clone or os.path.getsize(self._tmp) < end:  # (a short clone is redone)
+            clone_file(self.reader.zip_path, self._tmp, end)
+        self._file = open(self._tmp, "r+b")
+        # drop whatever follows the member (the old central directory of a whole-file
+        # clone): bytes past the member must read as zeros. A clone of exactly the
+        # member's end is not truncated (a no-op that waits for the copy's writeback).
+        if os.fstat(self._file.fileno()).st_size != end:
+            self._file.truncate(end)
         self._member = CrcTrackingFile(self._file, self._data, self._winfo.file_size, self._winfo.CRC)
         self._file.flush()
         self._open(self._member, self._data, crc=True)
@@ -270,13 +305,14 @@ class PatchZipWriter(_PatchBase):
     def absorb(self, done):
         for linear, end in done:
             after = self._member.size - (end - self._data)
-            self._member.crc ^= _multmodp(_x2nmodp(after, 3), linear) if after else linear
+            self._member.crc ^= crc_shift(linear, after)
 
     def set_member(self, member, data: bytes):
         self._replace[member] = data
 
     def finalize(self):
         try:
+            self.absorb(self.sink.finish())
             self.sink.close()
             self._h5.close()
             self._file.flush()
@@ -319,7 +355,9 @@ class PatchZipWriter(_PatchBase):
         import copy
         f = self._file
         end = self._data + self._member.size
-        f.truncate(end)
+        f.flush()
+        if os.fstat(f.fileno()).st_size != end:  # (even to the same size, an ftruncate
+            f.truncate(end)                       # waits for the writeback of the last page)
         f.seek(0)
         zf = zipfile.ZipFile(f, "w")
         infos = [copy.copy(i) for i in self.reader.members]

@@ -28,6 +28,17 @@ def index_json(reader, rename) -> str:
     return json.dumps(index, indent=4)
 
 
+def publish_shards(reader, rename, folder, target):
+    """Move the shards written in ``folder`` (named by ``rename``, e.g. by tasks writing one
+    shard each) beside ``target``, then write the index ``target`` last: the commit point."""
+    target = Path(target)
+    for name in (rename[n] for n in reader.shard_names):
+        atomic.commit(Path(folder) / name, target.with_name(name))
+    tmp = atomic.temp_path(target)
+    tmp.write_text(index_json(reader, rename))
+    atomic.commit(tmp, target)
+
+
 class ShardedWriter(KerasH5Writer):
     """Shards named after the target's base name; the index's weight map follows."""
 

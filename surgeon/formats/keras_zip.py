@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import stat
-import struct
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 
 from surgeon.core.errors import FormatError, SurgeonError, WriteError
-from surgeon.core import atomic
+from surgeon.core import atomic, fastio
+from .clone import member_data_offset
 from .window import Window, WritableWindow
 from .keras_h5 import KerasH5Reader, KerasH5Writer, open_h5
 
@@ -38,13 +37,10 @@ class MemberFile(Window):
 
 
 def _data_offset(path, info: zipfile.ZipInfo) -> int:
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        head = f.read(30)
-    if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        raise FormatError(f"{path}: corrupt .keras archive (bad local header for {info.filename})")
-    n, m = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + n + m
+    try:
+        return member_data_offset(path, info)
+    except ValueError as exc:
+        raise FormatError(f"{path}: corrupt .keras archive ({exc})") from None
 
 
 def _open_zip(path) -> zipfile.ZipFile:
@@ -214,7 +210,7 @@ class KerasZipWriter:
         left = size
         while left:
             block = self._file.read(min(left, 1 << 22))
-            crc = zlib.crc32(block, crc)
+            crc = fastio.crc32(block, crc)
             left -= len(block)
         w = self._winfo
         w.CRC, w.compress_size, w.file_size = crc, size, size

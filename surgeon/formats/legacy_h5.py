@@ -131,12 +131,7 @@ class LegacyH5Reader(KerasH5Reader):
         wroot = root["model_weights"] if self.full_model else root
         entries, params = self._layer_entries(wroot)
         oentries, self.optimizer, self.notes = self._optimizer_entries(params)
-        self._entries = entries + oentries
-        self._by_name = {}
-        for e in self._entries:
-            if e.name in self._by_name:
-                raise FormatError(f"{label}: two tensors map to the canonical name {e.name!r}")
-            self._by_name[e.name] = e
+        self._index(entries + oentries)
 
     def _layer_entries(self, wroot):
         label = self.label

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.core.errors import FormatError, SurgeonError
+from .orbax_kv import COMMIT, KvPath, is_url
 
 INSTALL = "pip install 'surgeon[orbax]'"
 STEP_META = "_CHECKPOINT_METADATA"
@@ -38,12 +40,34 @@ def require_tensorstore():
     return tensorstore
 
 
-def _steps(root: Path) -> list:
+def location(path):
+    """``path`` as a local ``Path``, or a ``KvPath`` for a kvstore URL or spec (gs://, s3://,
+    file://, memory://): both answer ``/``, ``exists``, ``is_dir``, ``iterdir``, ``read_bytes``."""
+    if isinstance(path, (Path, KvPath)):
+        return path
+    return KvPath(path) if is_url(path) else Path(path)
+
+
+def _steps(root) -> list:
     try:
-        names = os.listdir(root)
+        names = [c.name for c in root.iterdir()]
     except OSError as exc:
-        raise FormatError(f"{root}: cannot list: {exc.strerror}") from None
+        raise FormatError(f"{root}: cannot list: {exc.strerror or exc}") from None
     return sorted(int(n) for n in names if n.isdigit() and (root / n).is_dir())
+
+
+def _committed(root, steps) -> list:
+    """On a kvstore, the steps Orbax finished (``commit_success.txt``, written last)."""
+    if not isinstance(root, KvPath):
+        return steps
+    return [s for s in steps if (root / str(s) / COMMIT).is_file()]
+
+
+def check_committed(ckpt) -> None:
+    """A checkpoint directory on a kvstore must carry Orbax's commit marker."""
+    if isinstance(ckpt, KvPath) and not (ckpt / COMMIT).is_file():
+        raise FormatError(f"{ckpt}: incomplete Orbax checkpoint: no {COMMIT} (on object stores "
+                          "Orbax and surgeon write it last; the write did not finish)")
 
 
 def is_orbax(path: Path) -> bool:
@@ -60,6 +84,41 @@ def _looks_like_step(path: Path) -> bool:
         (c / ITEM_META).exists() for c in path.iterdir() if c.is_dir())
 
 
+_SELECTED: dict = {}  # root (absolute) -> step chosen by --step for this command
+
+
+def _root_key(path) -> str:
+    return str(path).rstrip("/") if is_url(path) else os.path.abspath(str(path).rstrip("/"))
+
+
+def is_root(path) -> bool:
+    """Whether ``path`` is a root of numbered Orbax step directories (not a step itself)."""
+    path = location(path)
+    return (path.is_dir() and not (path / STEP_META).exists() and not (path / ITEM_META).exists()
+            and bool(_steps(path)) and is_orbax(path))
+
+
+@contextmanager
+def select_step(paths, step):
+    """While open, Orbax roots among ``paths`` are read at ``step`` (``--step``) instead of
+    their latest step, wherever they are opened (inputs, sources, the surgery log)."""
+    if step is None:
+        yield
+        return
+    roots = [p for p in paths if p is not None and is_root(p)]
+    if not roots:
+        raise SurgeonError(f"--step {step}: no input is an Orbax root of numbered steps "
+                           "(name a step directory, or drop --step)")
+    keys = [_root_key(p) for p in roots]
+    saved = dict(_SELECTED)
+    _SELECTED.update({k: step for k in keys})
+    try:
+        yield
+    finally:
+        _SELECTED.clear()
+        _SELECTED.update(saved)
+
+
 @dataclass(frozen=True)
 class Located:
     """Where a checkpoint's PyTree lives."""
@@ -72,9 +131,20 @@ class Located:
 
 def locate(path, step=None) -> Located:
     """Resolve ``path`` (root, step or item directory) to its PyTree item."""
-    path = Path(path)
+    try:
+        return _locate(path, step)
+    except OSError as exc:  # a kvstore that cannot be reached (no credentials, no network)
+        if not is_url(path) and not isinstance(path, KvPath):
+            raise
+        raise FormatError(str(exc)) from None
+
+
+def _locate(path, step=None) -> Located:
+    label, path = str(path), location(path)
     if not (path / STEP_META).exists() and not (path / ITEM_META).exists():
         steps = _steps(path)
+        if step is None:
+            step = _SELECTED.get(_root_key(label))
         if not steps and _looks_like_step(path):
             raise FormatError(f"{path}: Orbax step directory without its {STEP_META} "
                               "(incomplete or damaged checkpoint)")
@@ -82,13 +152,17 @@ def locate(path, step=None) -> Located:
             raise FormatError(f"{path}: not an Orbax checkpoint (no {STEP_META}, no {ITEM_META}, "
                               "no numbered step directories)")
         if step is None:
-            step = steps[-1]
+            done = _committed(path, steps)
+            if not done:
+                check_committed(path / str(steps[-1]))
+            step = done[-1]
         elif step not in steps:
             raise FormatError(f"{path}: no step {step}; steps: {', '.join(map(str, steps))}")
-        found = locate(path / str(step))
+        found = _locate(path / str(step))
         return Located(path, found.step_dir, found.item, step)
     if step is not None:
         raise SurgeonError(f"{path}: --step is for a root of numbered steps; this is one checkpoint")
+    check_committed(path)
     if (path / ITEM_META).exists() and not (path / STEP_META).exists():
         return Located(None, None, path, None)
     return Located(None, path, _item_of(path), int(path.name) if path.name.isdigit() else None)
@@ -102,8 +176,8 @@ def _item_of(step_dir: Path) -> Path:
     if (step_dir / KERAS_ITEM).is_dir():
         raise FormatError(f"{step_dir / KERAS_ITEM}: PyTree item without its {ITEM_META} "
                           "(incomplete or damaged checkpoint)")
-    items = [step_dir / n for n in sorted(os.listdir(step_dir))
-             if (step_dir / n / ITEM_META).exists() and not n.startswith(".")]
+    items = [c for c in sorted(step_dir.iterdir(), key=lambda c: c.name)
+             if (c / ITEM_META).exists() and not c.name.startswith(".")]
     arrays = [i for i in items if _has_arrays(i)]
     if (step_dir / ITEM_META).exists():
         return step_dir
@@ -123,10 +197,13 @@ def _has_arrays(item: Path) -> bool:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise FormatError(f"{path}: missing {what}") from None
+    except OSError as exc:
+        if isinstance(path, KvPath):  # the store could not be read: not damage
+            raise FormatError(str(exc)) from None
+        raise FormatError(f"{path}: damaged {what}: {exc}") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: damaged {what}: {exc}") from None
     if not isinstance(data, dict):
@@ -166,6 +243,19 @@ def tree_metadata(item: Path):
     return leaves, meta
 
 
+def kvspec(folder, key=None) -> dict:
+    """The TensorStore kvstore spec of ``folder`` (a local directory or a ``KvPath``), or of
+    ``key`` inside it."""
+    if isinstance(folder, KvPath):
+        return folder.spec(key)
+    return {"driver": "file", "path": f"{Path(folder).resolve()}/" + (f"{key}/" if key else "")}
+
+
+def kv_context():
+    from .orbax_kv import context
+    return context()
+
+
 def check_ocdbt(item: Path, ts) -> None:
     """A damaged OCDBT database fails here, at open, with one line: a missing or truncated
     manifest, or a data file it references (``ocdbt.process_N/d/...``) that is absent."""
@@ -173,7 +263,7 @@ def check_ocdbt(item: Path, ts) -> None:
     if not manifest.exists():
         raise FormatError(f"{item}: OCDBT checkpoint without manifest.ocdbt (incomplete or damaged)")
     try:
-        kv = ts.KvStore.open({"driver": "file", "path": f"{item.resolve()}/"}).result()
+        kv = ts.KvStore.open(kvspec(item), context=kv_context()).result()
         dump = ts.ocdbt.dump(kv).result()
         files = set()
         for version in dump.get("versions", []):

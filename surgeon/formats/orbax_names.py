@@ -12,6 +12,7 @@ role ``state``). Any other PyTree is listed under its own path, every leaf a ``p
 """
 from __future__ import annotations
 
+from surgeon.binding import layers as layer_tables
 from surgeon.binding.optimizers import class_from_storage_name, layout_for
 from surgeon.core.tree import Entry, OptimizerInfo, slot_name
 
@@ -35,13 +36,44 @@ def model_prefix(leaves, model_name):
     return first if model_name is None or first == model_name else None
 
 
-def _weight(leaf, shape, dtype, prefix):
+def config_layers(model_config) -> dict:
+    """{layer name: (class name, trainable flag)} for every layer (and model) in a Keras
+    model config, nested models included."""
+    out = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            cfg = node.get("config")
+            if isinstance(node.get("class_name"), str) and isinstance(cfg, dict) and "name" in cfg:
+                out.setdefault(cfg["name"], (node["class_name"], cfg.get("trainable", True)))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(model_config or {})
+    return out
+
+
+def _frozen_param(path, by_name) -> bool:
+    """Whether non-trainable variable ``path`` (layer names..., variable) is a param of a
+    frozen layer (``layer.trainable = False``): a layer on its path is frozen and its owning
+    layer's class lists the variable as trainable (the .keras reader's rule)."""
+    owners = [by_name.get(str(p)) for p in path[:-1]]
+    if not owners or owners[-1] is None or not any(o and o[1] is False for o in owners):
+        return False
+    return str(path[-1]) in layer_tables.trainable_names(owners[-1][0])
+
+
+def _weight(leaf, shape, dtype, prefix, by_name):
     path = list(leaf.keys[1:])
+    frozen = leaf.keys[0] == "non_trainable_variables" and _frozen_param(path, by_name)
     if prefix is not None:
         path = path[1:]
     name = "/".join(map(str, path))
-    role = "param" if leaf.keys[0] == "trainable_variables" else "state"
-    return Entry(name, shape, dtype, role, key=leaf.key, layer="/".join(map(str, path[:-1])))
+    role = "param" if leaf.keys[0] == "trainable_variables" or frozen else "state"
+    return Entry(name, shape, dtype, role, key=leaf.key, layer="/".join(map(str, path[:-1])),
+                 frozen=frozen)
 
 
 def _slot(var, params, slots):
@@ -62,12 +94,12 @@ def keras_entries(leaves, meta, model_config):
     ``meta`` maps a leaf's key to (shape, dtype)."""
     model_name = (model_config or {}).get("config", {}).get("name")
     prefix = model_prefix(leaves, model_name)
-    weights, params = [], {}
+    weights, params, by_name = [], {}, config_layers(model_config)
     for leaf in leaves:
         if leaf.keys[0] in GROUPS[:2]:
-            e = _weight(leaf, *meta[leaf.key], prefix)
+            e = _weight(leaf, *meta[leaf.key], prefix, by_name)
             weights.append(e)
-            if e.role == "param":
+            if e.role == "param" and not e.frozen:
                 params["_".join(map(str, leaf.keys[1:]))] = e.name
     opt_entries, info = _optimizer(leaves, meta, params, model_config)
     metrics = [Entry("/".join(map(str, leaf.keys)), *meta[leaf.key], "state", key=leaf.key,
@@ -112,11 +144,11 @@ def generic_entries(leaves, meta):
                   layer="/".join(map(str, leaf.keys[:-1]))) for leaf in leaves]
 
 
-def keras_key(entry_name, role, model_prefix_name, opt_name, slot_of=None, slot=None):
+def keras_key(entry_name, role, model_prefix_name, opt_name, slot_of=None, slot=None, frozen=False):
     """The state-tree keys (a tuple) Keras uses for a canonical entry (convert to Orbax)."""
     pre = (model_prefix_name,) if model_prefix_name else ()
     if role in ("param", "state"):
-        group = "trainable_variables" if role == "param" else "non_trainable_variables"
+        group = "trainable_variables" if role == "param" and not frozen else "non_trainable_variables"
         return (group, *pre, *entry_name.split("/"))
     if role == "slot":
         under = "_".join((*pre, *slot_of.split("/")))

@@ -5,6 +5,11 @@ OCDBT, plain file copies for per-array zarr): nothing is decoded. Written arrays
 encoded with the source array's zarr metadata (shape/dtype adjusted when an op changed
 them). One array is held at a time. The output has one OCDBT database at the item's root
 (no ``ocdbt.process_N``): a layout any number of processes restores.
+
+Publication: Orbax's commit marker ``commit_success.txt`` is written last in the output's
+checkpoint directory. A local output is built in a temporary directory and renamed into
+place (as Orbax does); a kvstore URL (``gs://``...: no rename) is written in place, and the
+marker is what makes it a checkpoint (readers skip a directory without it).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 from surgeon.core import atomic
 from surgeon.core.errors import SurgeonError, WriteError
 from . import orbax_layout as lay
+from .orbax_kv import COMMIT, KvPath, is_url
 
 ARRAY_PARTS = ("manifest.ocdbt", "d")
 
@@ -31,16 +37,32 @@ def _is_array_part(item: Path, child: Path, keys) -> bool:
     return n in ARRAY_PARTS or n.startswith("ocdbt.process_") or n in keys
 
 
-def copy_except_item(src: Path, dst: Path, item: Path, keys) -> None:
-    """Copy ``src`` into ``dst`` leaving out the arrays of PyTree ``item`` (inside ``src``)."""
+def copy_except_item(src, dst, item, keys) -> None:
+    """Copy ``src`` into ``dst`` leaving out the arrays of PyTree ``item`` (inside ``src``)
+    and the commit marker (the writer writes its own, last)."""
     dst.mkdir(exist_ok=True)
-    for child in sorted(src.iterdir()):
-        if child == item or (src == item and _is_array_part(item, child, keys)):
+    for child in sorted(src.iterdir(), key=lambda c: c.name):
+        if child == item or child.name == COMMIT or (
+                src == item and _is_array_part(item, child, keys)):
             continue
-        if child.is_dir():
-            shutil.copytree(child, dst / child.name, symlinks=True)
+        copy_tree(child, dst / child.name)
+
+
+def copy_tree(src, dst) -> None:
+    """Copy a file or directory between local paths and kvstores (``KvPath``)."""
+    if isinstance(src, Path) and isinstance(dst, Path):
+        if src.is_dir():
+            shutil.copytree(src, dst, symlinks=True)
         else:
-            shutil.copy2(child, dst / child.name)
+            shutil.copy2(src, dst)
+        return
+    files = src.walk_files() if isinstance(src, KvPath) else (
+        [str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()] if src.is_dir() else None)
+    for rel in ([""] if files is None or (not files and src.is_file()) else files):
+        out = dst / rel if rel else dst
+        if isinstance(out, Path):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes((src / rel if rel else src).read_bytes())
 
 
 class OrbaxWriter:
@@ -49,13 +71,20 @@ class OrbaxWriter:
     ``step``: the step number of the output when the input was a root of steps."""
 
     def __init__(self, like, target, step=None):
-        self.like, self.target = like, Path(os.path.abspath(str(target).rstrip("/")))
-        if self.target.exists():
+        self.like = like
+        self.remote = is_url(target) or isinstance(target, KvPath)
+        self.target = lay.location(target) if self.remote else Path(
+            os.path.abspath(str(target).rstrip("/")))
+        self.ts = lay.require_tensorstore()
+        if self._exists(self.target):
             raise SurgeonError(f"{target}: exists; an Orbax checkpoint is written as a new "
                                "directory: remove it or choose another name")
-        atomic.check_output(self.target, [like.path])
-        self.ts = lay.require_tensorstore()
-        self._tmp = atomic.temp_dir(self.target)
+        if not self.remote:
+            atomic.check_output(self.target, [] if isinstance(like.path, KvPath) else [like.path])
+        elif self.target == like.path:
+            raise SurgeonError(f"{target}: is the input; write a new directory")
+        # a kvstore has no rename: written in place, published by the commit marker
+        self._tmp = self.target if self.remote else atomic.temp_dir(self.target)
         self._done, self._written, self._item = False, set(), None
         try:
             self._item = self._layout(step)
@@ -64,6 +93,13 @@ class OrbaxWriter:
             self.abort()
             raise
 
+    @staticmethod
+    def _exists(target) -> bool:
+        try:
+            return target.exists()
+        except OSError as exc:  # a kvstore that cannot be reached
+            raise WriteError(str(exc)) from None
+
     def set_step(self, step: int) -> None:
         """Name the output's step directory ``step`` (when the input was a root of steps)."""
         if self.like.where.root is None or self._item is None:
@@ -71,17 +107,18 @@ class OrbaxWriter:
         old = self._tmp / str(self._step)
         new = self._tmp / str(step)
         if new != old:
-            old.rename(new)
+            if self.remote:  # not committed yet: move its keys
+                copy_tree(old, new)
+                old.remove_tree()
+            else:
+                old.rename(new)
             self._item = new / self._item.relative_to(old)
             self._kv = self._open_kv() if self.like.store.ocdbt else None
             self._step = step
 
     def set_provenance(self, data: bytes) -> None:
         """The surgery log, a file in the output's step (or item) directory."""
-        w = self.like.where
-        folder = self._item if w.step_dir is None else (
-            self._tmp / str(self._step) if w.root else self._tmp)
-        (folder / lay.PROVENANCE).write_bytes(data)
+        (self._checkpoint_dir() / lay.PROVENANCE).write_bytes(data)
 
     def _layout(self, step) -> Path:
         w, keys = self.like.where, {leaf.key for leaf in self.like.leaves}
@@ -97,9 +134,9 @@ class OrbaxWriter:
         return item
 
     def _open_kv(self):
-        spec = {"driver": "ocdbt", "base": f"file://{self._item}/",
+        spec = {"driver": "ocdbt", "base": lay.kvspec(self._item),
                 "config": {"compression": {"id": "zstd"}}}
-        return self.ts.KvStore.open(spec).result()
+        return self.ts.KvStore.open(spec, context=lay.kv_context()).result()
 
     # -- writer protocol --------------------------------------------------------------
     def write(self, name, array):
@@ -110,9 +147,10 @@ class OrbaxWriter:
         if self.like.keras_scalar(leaf):
             array = array.astype(src.dtype.numpy_dtype)  # Keras' Python scalar, as stored
         meta = _metadata(src, array, self.like.store.driver)
-        spec = {"driver": self.like.store.driver, "kvstore": self._kvspec(e.key), "metadata": meta}
+        spec = {"driver": self.like.store.driver, "kvstore": self._kvspec(e.key), "metadata": meta,
+                "store_data_equal_to_fill_value": True}  # as Orbax: restores refuse missing chunks
         try:
-            out = self.ts.open(spec, create=True, open=False).result()
+            out = self.ts.open(spec, create=True, open=False, context=lay.kv_context()).result()
             out.write(array).result()
         except Exception as exc:
             raise WriteError(f"cannot write {name} to {self.target}: {one_line(exc)}") from None
@@ -120,8 +158,8 @@ class OrbaxWriter:
 
     def _kvspec(self, key) -> dict:
         if self.like.store.ocdbt:
-            return {"driver": "ocdbt", "base": f"file://{self._item}/", "path": f"{key}/"}
-        return {"driver": "file", "path": f"{self._item}/{key}/"}
+            return {"driver": "ocdbt", "base": lay.kvspec(self._item), "path": f"{key}/"}
+        return lay.kvspec(self._item, key)
 
     def copy_from(self, reader, name):
         if reader is not self.like:
@@ -133,14 +171,14 @@ class OrbaxWriter:
         try:
             if self.like.store.ocdbt:
                 src = self.like.store.kvstore()
-                skv = self._src_kv or self.ts.KvStore.open(src).result()
+                skv = self._src_kv or self.ts.KvStore.open(src, context=lay.kv_context()).result()
                 self._src_kv = skv
                 prefix = f"{key}/".encode()
                 with self.ts.Transaction() as txn:
                     for k in skv.list(self.ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0")).result():
                         self._kv.with_transaction(txn)[k] = skv[k]
             else:
-                shutil.copytree(self.like.where.item / key, self._item / key, symlinks=True)
+                copy_tree(self.like.where.item / key, self._item / key)
         except Exception as exc:
             raise WriteError(f"cannot copy {key} to {self.target}: {one_line(exc)}") from None
         self._written.add(key)
@@ -153,17 +191,33 @@ class OrbaxWriter:
                 if leaf.key not in self._written:
                     self._copy_raw(leaf.key)
             self._kv = self._src_kv = None
-            atomic.commit(self._tmp, self.target)
+            (self._checkpoint_dir() / COMMIT).write_bytes(
+                f"Checkpoint commit was successful to {self.target}".encode())  # last: published
+            if not self.remote:
+                atomic.commit(self._tmp, self.target)
         except BaseException:
             self.abort()
             raise
         self._done = True
         return self.target
 
+    def _checkpoint_dir(self):
+        """Where Orbax looks for the commit marker: the step directory, else the item."""
+        w = self.like.where
+        return self._item if w.step_dir is None else (
+            self._tmp / str(self._step) if w.root else self._tmp)
+
     def abort(self):
         self._kv = self._src_kv = None
-        if not self._done:
+        if self._done:
+            return
+        if not self.remote:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:  # uncommitted (no marker): readers skip it anyway; clean it up when possible
+            self._tmp.remove_tree()
+        except OSError:
+            pass
 
     def __enter__(self):
         return self

@@ -33,6 +33,8 @@ class BundleWriter:
     from a prefix, otherwise a directory (checkpoint directory or SavedModel).
     """
 
+    part_stem = "part"  # the parts' names in the temp directory (Ray tasks: one stem each)
+
     def __init__(self, like, target):
         self.like = like
         self.kind = like.kind
@@ -75,7 +77,7 @@ class BundleWriter:
         if not self._pending:
             return
         tf = _tf()
-        part = os.path.join(self._tmp, f"part-{len(self._parts):05d}")
+        part = os.path.join(self._tmp, f"{self.part_stem}-{len(self._parts):05d}")
         names = sorted(self._pending)
         try:
             tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names),
@@ -87,13 +89,29 @@ class BundleWriter:
         self._pending, self._pending_bytes = {}, 0
 
     def finalize(self):
+        return self._publish(self._complete)
+
+    def _complete(self):
+        """Write every key not written yet (the input's value), then merge and assemble."""
+        for key in self.like.keys:
+            if key not in self._written:
+                self._put(key, self.like.read_key(key))
+        self._flush()
+        return self._assemble(self._merge())
+
+    def finalize_parts(self, parts):
+        """Publish a bundle made of ``parts`` (prefixes in the temp directory, e.g. written
+        by Ray tasks, in the order their data files get): merged by ``MergeV2Checkpoints``
+        (data files renamed to ``data-0000k-of-0000n``, one index written), then moved
+        into place as ``finalize`` does."""
+        self._parts, self._pending = list(parts), {}
+        return self._publish(lambda: self._assemble(self._merge()))
+
+    def _publish(self, build):
+        """``build()``: the published output's path; on failure the temp directory is
+        removed and an OSError becomes a one-line WriteError."""
         try:
-            for key in self.like.keys:
-                if key not in self._written:
-                    self._put(key, self.like.read_key(key))
-            self._flush()
-            bundle = self._merge()
-            out = self._assemble(bundle)
+            out = build()
         except SurgeonError:
             self.abort()
             raise

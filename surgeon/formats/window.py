@@ -5,10 +5,10 @@ weights member inside a ``.keras`` zip, without extracting or copying it.
 """
 from __future__ import annotations
 
-import io
+from surgeon.core.rawfile import PositionedFile
 
 
-class Window(io.RawIOBase):
+class Window(PositionedFile):
     """Read-only window on ``f`` from ``offset``; ``size`` bytes long, or to the end of
     ``f`` when ``size`` is None (a growing file)."""
 
@@ -23,28 +23,10 @@ class Window(io.RawIOBase):
         self._f.seek(0, 2)
         return self._f.tell() - self._start
 
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos}.get(whence)
-        if base is None:
-            base = self._end()
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf):
-        n = max(0, min(len(buf), self._end() - self._pos))
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buf)[:n])
-        self._pos += got
-        return got
+    def _read_at(self, off, view):
+        n = max(0, min(len(view), self._end() - off))
+        self._f.seek(self._start + off)
+        return self._f.readinto(view[:n])
 
     def flush(self):
         if not self._f.closed and self._f.writable():
@@ -60,11 +42,9 @@ class WritableWindow(Window):
     def writable(self):
         return True
 
-    def write(self, data):
-        self._f.seek(self._start + self._pos)
-        n = self._f.write(data)
-        self._pos += n
-        return n
+    def _write_at(self, off, view):
+        self._f.seek(self._start + off)
+        return self._f.write(view)
 
     def truncate(self, size=None):
         size = self._pos if size is None else size

@@ -109,7 +109,7 @@ class Merge(Op):
         return {"method": spec.get("method")} | full
 
     def apply(self, step, value, ctx):
-        models, base = ctx.merge_inputs[step.op_index]
+        models, base = _inputs(ctx, step.op_index)
         d = dict(step.detail)
         method = d.pop("method")
         read = lambda r: value if r is ctx.reader else r.read(step.target)  # noqa: E731
@@ -186,6 +186,18 @@ def _open(ctx, name, spec):
             os.path.samefile(path, ctx.reader.path):
         return ctx.reader
     return ctx.source(name, spec)
+
+
+def _inputs(ctx, index):
+    """``(models, base)`` readers of op ``index``: those its plan opened, or -- in a worker
+    of ``--executor pool|ray``, which computes without planning -- opened again from the
+    recipe (the same paths; sources are read-only)."""
+    got = ctx.__dict__.setdefault("merge_inputs", {})
+    if index not in got:
+        spec = ctx.recipe.ops[index]
+        models = [_open(ctx, m, spec) for m in spec.get("models")]
+        got[index] = (models, _open(ctx, spec.get("base"), spec) if spec.get("base") else None)
+    return got[index]
 
 
 def _check_pairs(entries, inputs, ctx, w):

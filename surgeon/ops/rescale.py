@@ -9,6 +9,8 @@ a second rescale of the slots themselves (``select="optimizer/<name>/*"``).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .base import Op, Result, check_number, float_value, like, slot_power
 
 
@@ -24,5 +26,12 @@ class Rescale(Op):
 
     def apply(self, step, value, ctx):
         c = float(step.info("factor"))
-        return Result(like(float_value(value) * c, value),
-                      follow=lambda kind, s: like(float_value(s) * c ** slot_power(kind), s))
+        return Result(scaled(value, c), follow=lambda kind, s: scaled(s, c ** slot_power(kind)))
+
+
+def scaled(arr, c):
+    """``like(float_value(arr) * c, arr)``: the same bytes, in one pass without temporaries
+    for float32/float64 tensors (the usual ones: no astype copy, no second array)."""
+    if arr.dtype == np.float32 or arr.dtype == np.float64:
+        return np.asarray(np.multiply(arr, c))  # (a 0-d input gives a scalar)
+    return like(float_value(arr) * c, arr)

@@ -118,24 +118,51 @@ class _SlotState:
             self.changed[name] = np.zeros_like(cur) if src is None else np.asarray(src).astype(cur.dtype)
 
 
-def open_output(out, reader, plan, patch=True, clone=None):
+def open_output(out, reader, plan, patch=True, clone=None, defer=False):
     """The writer for ``plan``'s output: clone-and-patch when no tensor changes dtype
     (fastest, every other byte is the input's), else the rebuilding lossless writer.
-    ``clone``: a ``BackgroundClone`` of the input the patch writer may adopt."""
+    ``clone``: a ``BackgroundClone`` of the input the patch writer may adopt. ``defer``:
+    the output is checked now but the writer opened at its first use (``_Deferred``), so
+    that the first tensors are computed while the clone is still being copied."""
     from surgeon.core import atomic
-    from surgeon.formats import check_output_name, open_writer
-    atomic.check_output(out, [reader.path])
+    from surgeon.formats import check_output_name, is_url, open_writer
+    if is_url(out):  # an Orbax checkpoint on a kvstore (gs://...): its writer checks it
+        return open_writer(out, like=reader)
+    atomic.check_output(out, [] if is_url(reader.path) else [reader.path])
     check_output_name(out, reader.format, reader.path)
-    if patch and all(s.dtype == s.new_dtype for s in plan.steps):
-        from surgeon.formats.keras_patch import open_patch_writer
-        writer = open_patch_writer(out, reader, clone)
-        if writer is not None:
-            return writer
-    return open_writer(out, like=reader)
+
+    def make():
+        if patch and all(s.dtype == s.new_dtype for s in plan.steps):
+            from surgeon.formats.keras_patch import open_patch_writer
+            writer = open_patch_writer(out, reader, clone)
+            if writer is not None:
+                return writer
+        return open_writer(out, like=reader)
+    return _Deferred(make) if defer else make()
+
+
+class _Deferred:
+    """A writer opened by its first use (any attribute): opening a clone-and-patch writer
+    waits for the clone's copy, which computing the first tensors need not wait for."""
+
+    def __init__(self, make):
+        self._make, self._writer = make, None
+
+    def __getattr__(self, name):
+        if self._writer is None:
+            self._writer = self._make()
+        return getattr(self._writer, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._writer is not None:
+            return self._writer.__exit__(*exc)
 
 
 def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=False, patch=True,
-          origin=None, structural=(), executor=None):
+          origin=None, structural=(), executor=None, early=None):
     """Plan ``recipe`` and (unless ``dry_run``) write its output, with provenance embedded.
 
     Args:
@@ -151,6 +178,8 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             in the plan and its provenance).
         executor: who computes the tensors (``surgeon.recipe.executors.make_executor``:
             local, pool or ray); the output is the same whichever runs it.
+        early: a ``surgeon.formats.clone.EarlyStart`` the caller began before loading
+            the recipe (its hashes and clone are adopted; the caller closes it).
     Returns:
         ``(plan, stats)``; ``stats`` is None for a dry run.
     Example:
@@ -168,17 +197,19 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
             current, splans = recipe_ops.run(recipe.input, rewrites, work)
             staged = dataclasses.replace(recipe, input=current, ops=tuple(rest))
             plan, stats = apply(staged, dry_run, progress, hash_inputs, make_dirs, patch,
-                                origin=recipe.input, structural=splans, executor=executor)
+                                origin=recipe.input, structural=splans, executor=executor,
+                                early=early)
         plan.input = recipe.input
         return plan, stats
 
-    hasher = provenance.Hasher(hash_inputs and not dry_run)
+    use_early = early is not None and early.hasher.enabled and hash_inputs and not dry_run
+    hasher = early.hasher if use_early else provenance.Hasher(hash_inputs and not dry_run)
     first = origin or recipe.input
     clone = None
     try:
-        if first and os.path.exists(first):  # hash while the input is opened and planned
+        if first and "://" not in str(first) and os.path.exists(first):  # hash while planning
             hasher.start(first)
-        clone = None if dry_run or not patch else _early_clone(recipe)
+        clone = None if dry_run or not patch else _early_clone(recipe, early)
         return _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural,
                              hasher, clone, executor)
     finally:
@@ -187,16 +218,22 @@ def apply(recipe, dry_run=False, progress=None, hash_inputs=True, make_dirs=Fals
         hasher.close()
 
 
-def _early_clone(recipe):
+def _early_clone(recipe, early=None):
     """Start copying the input to the output's temp file now, when the output will most
     likely be a clone-and-patch of it (no op changes a dtype; a patchable file), so that
-    the copy overlaps importing, opening and planning; None otherwise."""
-    from surgeon.formats.clone import BackgroundClone, may_patch
+    the copy overlaps importing, opening and planning; None otherwise. A clone ``early``
+    began from the command line is adopted when it is that copy."""
+    from surgeon.formats.clone import BackgroundClone, clone_length
     out, inp = recipe.output, recipe.input
-    if not out or not inp or not os.path.isdir(os.path.dirname(os.path.abspath(out))) \
-            or any(op.op == "cast" for op in recipe.ops) or not may_patch(inp):
+    started = early.take_clone(inp, out) if early is not None and inp and out else None
+    length = False if not out or not inp or "://" in str(out) + str(inp) \
+        or not os.path.isdir(os.path.dirname(os.path.abspath(out))) \
+        or any(op.op == "cast" for op in recipe.ops) else clone_length(inp)
+    if length is False:
+        if started is not None:
+            started.discard()
         return None
-    return BackgroundClone(inp, out)
+    return started or BackgroundClone(inp, out, length)
 
 
 def _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural, hasher,
@@ -222,16 +259,20 @@ def _apply_opened(recipe, dry_run, progress, make_dirs, patch, first, structural
                 hasher.start(src)
             if not plan.output:
                 raise RecipeError(f"{recipe.path}: the recipe names no output; pass -o OUT")
-            out = Path(plan.output)
-            if make_dirs:
+            from surgeon.formats import is_url
+            out = plan.output if is_url(plan.output) else Path(plan.output)
+            if make_dirs and not is_url(out):
                 out.parent.mkdir(parents=True, exist_ok=True)
             inputs = {"input": first} | {f"source:{p}": p for p in ctx.sources}
-            atomic.check_output(out, [first, recipe.model, *ctx.sources])
+            if not is_url(out):
+                atomic.check_output(out, [p for p in (first, recipe.model, *ctx.sources)
+                                          if p is None or not is_url(p)])
             record = lambda: provenance.make_record(recipe, plan, inputs, __version__, hasher)  # noqa: E731
             if getattr(executor, "shards_output", False):  # Ray: each task writes a shard
                 return plan, executor.run_sharded(plan, ctx, out, record, first, progress)
             executor = executor or LocalExecutor()
-            with open_output(out, reader, plan, patch, clone) as writer:
+            local = type(executor) is LocalExecutor
+            with open_output(out, reader, plan, patch, clone, defer=local) as writer:
                 stats = run(plan, ctx, writer, progress, executor)
                 history = provenance.read_log(first)
                 provenance.embed(writer, reader.format, history + [record() | {"executor": executor.info()}])

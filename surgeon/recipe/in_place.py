@@ -45,9 +45,10 @@ def _same(a, b) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def apply_in_place(recipe, progress=None, hash_inputs=True):
+def apply_in_place(recipe, progress=None, hash_inputs=True, early=None):
     """Apply ``recipe``'s tensor ops to its input in place; ``(plan, stats)``, where
-    ``stats.bytes_written`` counts the bytes written into the file."""
+    ``stats.bytes_written`` counts the bytes written into the file. ``early``: a
+    ``surgeon.formats.clone.EarlyStart`` already hashing the sources (adopted)."""
     from surgeon.core import __version__
     from surgeon.formats import provenance
     from surgeon.formats.inplace import check_format, open_in_place
@@ -56,7 +57,8 @@ def apply_in_place(recipe, progress=None, hash_inputs=True):
 
     check_recipe(recipe)
     path = recipe.input
-    hasher = provenance.Hasher(hash_inputs)
+    hasher = early.hasher if early is not None and early.hasher.enabled and hash_inputs \
+        else provenance.Hasher(hash_inputs)
     hasher.skip.add(str(path))
     try:
         with open_input(recipe) as reader:  # (opening rolls back an interrupted edit)

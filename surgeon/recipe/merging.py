@@ -41,7 +41,8 @@ def _has_iteration(path, model=None) -> bool:
 
 def merge_checkpoints(models, output=None, base=None, method="linear", params=None,
                       overrides=(), optimizer_from=None, state="template", select="*",
-                      dry_run=False, hash_inputs=True, progress=None, text=None):
+                      dry_run=False, hash_inputs=True, progress=None, text=None, model=None,
+                      executor=None):
     """Merge ``models`` (fine-tunes of ``base``) into ``output``.
 
     Args:
@@ -56,11 +57,19 @@ def merge_checkpoints(models, output=None, base=None, method="linear", params=No
         state: float state (BatchNorm statistics): ``template`` (kept) or ``average``.
         select: which tensors are merged (a glob; the others keep the template's values).
         dry_run: plan only (every name and shape checked); nothing read or written.
+        model: for bare weights templates (``.weights.h5``, ``.weights.json``): the
+            ``.keras``/``config.json`` binding their optimizer slots.
+        executor: who computes the merged tensors: ``"local"`` (default), ``"pool"``,
+            ``"ray"`` or an executor from ``surgeon.make_executor(name, workers, address)``;
+            Ray writes multi-file outputs only (sharded ``.weights.json``, TF checkpoint,
+            Orbax), one task per output shard.
     Returns:
         ``(plan, stats)`` as ``surgeon.recipe.execute.apply``; stats is None for a dry run.
     Example:
         >>> merge_checkpoints(["a.keras", "b.keras"], "mid.keras", method="slerp",
         ...                   params={"t": 0.3})
+        >>> merge_checkpoints(["a.weights.json", "b.weights.json"], "m.weights.json",
+        ...                   model="a.keras", executor=make_executor("ray", workers=8))
     """
     from surgeon.recipe.declare import declare
     from surgeon.recipe.execute import apply
@@ -79,12 +88,16 @@ def merge_checkpoints(models, output=None, base=None, method="linear", params=No
     spec = declare("merge", dict(params or {}, models=names, method=method, base=base_name,
                                  overrides=_overrides(overrides), state=state, select=select,
                                  slots="keep" if optimizer_from else "reset"), where)
-    iteration = "keep" if optimizer_from or not _has_iteration(template) else "reset"
+    model = str(model) if model else None
+    iteration = "keep" if optimizer_from or not _has_iteration(template, model) else "reset"
     rec = Recipe(input=template, output=str(output) if output else None, ops=(spec,),
                  iteration=iteration, path="surgeon merge", text=text or _text(models, base, method),
-                 where=where)
+                 where=where, model=model)
+    if executor is None or isinstance(executor, str):
+        from surgeon.recipe.executors import make_executor
+        executor = make_executor(executor)
     return apply(rec, dry_run=dry_run, progress=progress, hash_inputs=hash_inputs,
-                 make_dirs=True)
+                 make_dirs=True, executor=executor)
 
 
 def _overrides(value):

@@ -108,6 +108,15 @@ class PlanContext:
             r.close()
         self.sources = {}
 
+    def forkable(self) -> bool:
+        """True when every reader can take fresh handles in a forked worker (``after_fork``)."""
+        return all(hasattr(r, "after_fork") for r in [self.reader, *self.sources.values()])
+
+    def after_fork(self):
+        """In a forked pool worker: the planned context, with readers of this process."""
+        for r in [self.reader, *self.sources.values()]:
+            r.after_fork()
+
 
 def _writer_class(mod, writer):
     if not mod or not writer:
@@ -229,7 +238,8 @@ def open_input(recipe):
     from surgeon.formats import open_checkpoint
     if not recipe.input:
         raise RecipeError(f"{recipe.path}: the recipe names no input; pass -i CHECKPOINT")
-    if not Path(recipe.input).exists() and not Path(str(recipe.input) + ".index").exists():
+    if "://" not in str(recipe.input) and not Path(recipe.input).exists() and \
+            not Path(str(recipe.input) + ".index").exists():
         raise RecipeError(f"{recipe.where}: input {recipe.input}: no such file")
     return open_checkpoint(recipe.input, model=recipe.model)
 

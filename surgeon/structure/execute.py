@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.core.tf import import_keras
+from surgeon.core.tf import import_keras_light
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint, open_writer
 from .plan import apply_steps, identity_init
 
 
 def _build_skeleton(plan, with_optimizer, path):
-    keras = import_keras()
+    keras = import_keras_light()
     cfg = json.loads(json.dumps(plan.config))
     cfg["compile_config"] = plan.compile_config if with_optimizer else None
     try:

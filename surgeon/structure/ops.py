@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from surgeon.core.tf import import_keras
+from surgeon.core.tf import import_keras_light
 from surgeon.core.errors import SurgeonError
 from surgeon.formats import open_checkpoint
 from surgeon.binding.layers import to_snake_case
@@ -250,7 +250,7 @@ def _layer_item(spec, name, path, taken=None):
 
 
 def _check_class(item):
-    keras = import_keras()
+    keras = import_keras_light()
     if not hasattr(keras.layers, item["class_name"]):
         raise SurgeonError(f"unknown Keras layer class {item['class_name']!r}")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import copy
 import warnings
 
-from surgeon.core.tf import import_keras
+from surgeon.core.tf import import_keras_light
 from surgeon.core.errors import SurgeonError
 
 
 def keras_output_shapes(model_json: dict, label) -> dict:
     """{layer name: output shape tuple} of the model described by ``model_json``."""
-    keras = import_keras()
+    keras = import_keras_light()
     cfg = copy.deepcopy(model_json)
     cfg["compile_config"] = None
     try:

@@ -95,7 +95,8 @@ def write_like(reader, vm, target, log=None) -> Path:
                 w.set_step(int(arr))  # an Orbax step directory is named by its step
         if log is not None:
             provenance.embed(w, reader.format, log)
-        return Path(w.finalize())
+        out = w.finalize()
+        return out if "://" in str(out) else Path(out)  # a kvstore URL stays one
 
 
 def write_keras(model, target, log=None) -> Path:

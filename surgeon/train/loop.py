@@ -216,7 +216,7 @@ def check_arguments(checkpoint, data, steps, output=None, model=None):
     if isinstance(model, (str, Path)) and Path(model).suffix in (".keras", ".json") \
             and not Path(model).exists():
         raise SurgeonError(f"--model {model}: no such file")
-    if output is None:
+    if output is None or "://" in str(output):  # a kvstore URL: the Orbax writer checks it
         return
     out = Path(str(output))
     if "{iteration}" not in str(out.parent) and not out.parent.exists():
