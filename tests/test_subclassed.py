@@ -128,3 +128,46 @@ def test_resume_continues_like_fit(zoo, tmp_path):
     assert int(got.optimizer.iterations) == int(want.optimizer.iterations) == 4
     for a, b in zip(want.weights + want.optimizer.variables, got.weights + got.optimizer.variables):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_import_option_names_custom_classes_from_the_shell(zoo, tmp_path):
+    """`surgeon --import user.py ls`: the module registers the classes before the file is
+    read, so a fresh process lists a subclassed model with Keras' names and roles; without
+    it, the names are positional and a note says so. A module that cannot be imported is
+    one line, exit 2, and nothing is listed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    model, d = zoo("subclassed")
+    user = tmp_path / "user.py"
+    user.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+                    "import modern_zoo\nmodern_zoo._classes()\n")
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('no GPU here')\n")
+
+    def ls(*pre):
+        return subprocess.run([sys.executable, "-m", "surgeon", *pre, "ls",
+                               str(d / "subclassed.keras"), "--json"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    plain = ls()
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    notes = json.loads(plain.stdout)["notes"]
+    assert any("records neither their variables' names nor which are trainable" in n
+               for n in notes), notes
+    named = ls("--import", str(user))
+    assert named.returncode == 0, named.stderr[-2000:]
+    out = json.loads(named.stdout)
+    assert out["notes"] == []
+    got = {e["name"]: "frozen" if e["frozen"] else e["role"] for e in out["entries"]
+           if e["role"] in ("param", "state")}
+    assert got == keras_roles(model)
+    assert {e["name"] for e in out["entries"] if e["role"] == "slot"} == set(_slots(model))
+    for spec, words in ((str(bad), ("importing", "no GPU here")),
+                        ("no_such_module_surgeon_test", ("cannot import",))):
+        r = ls("--import", spec)
+        assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("surgeon: error: "), r.stderr
+        assert all(w in lines[0] for w in words) and "--import" in lines[0], lines[0]

@@ -78,16 +78,35 @@ class _Group(click.Group):
 @click.version_option(package_name="surgeon")
 @click.option("--verbose", is_flag=True,
               help="Show TensorFlow's own start-up and log lines (hidden by default).")
-def main(verbose):
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import MODULE (a module name or a .py path; repeatable) before the command: "
+                   "the Keras classes it registers (custom layers, subclassed models) give their "
+                   "variables Keras' names. Runs its code; loads Keras on TensorFlow first.")
+def main(verbose, imports):
     """surgeon: weight surgery on TensorFlow/Keras checkpoints, optimizer state included.
 
     \b
     Example:
       surgeon ls fixtures/cnn_adam.keras
+      surgeon --import my_layers.py ls subclassed.keras   # custom classes named as in Keras
     """
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    request_light_keras()  # commands that only build configs never load TensorFlow
+    if imports:
+        _import_user_modules(imports)
+    else:
+        request_light_keras()  # commands that only build configs never load TensorFlow
+
+
+def _import_user_modules(specs):
+    """``--import``: Keras first (on TensorFlow, quietly, with surgeon's settings: the user's
+    ``import keras`` gets this one), then each module once. A module that fails to import
+    is a ``SurgeonError``: one line, exit 2 (``_Group.invoke``)."""
+    from surgeon.core import usermod
+    from surgeon.core.tf import import_keras
+    import_keras()
+    for spec in specs:
+        usermod.import_module(spec, "--import")
 
 
 # one module per command group, mirroring the library's packages

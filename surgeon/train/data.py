@@ -7,12 +7,10 @@ an interrupted run sees exactly the batches an uninterrupted one would have seen
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
+from surgeon.core import usermod
 from surgeon.core.tf import import_tf
 from surgeon.core.errors import SurgeonError
 
@@ -22,7 +20,7 @@ def check_spec(spec: str, what: str = "--data"):
     if ":" not in spec:
         raise SurgeonError(f"{spec}: {what} expects MODULE:FUNCTION (module may be a .py path)")
     mod_part, func_name = spec.rsplit(":", 1)
-    if not (mod_part.endswith(".py") or "/" in mod_part):
+    if not usermod.is_path(mod_part):
         return mod_part, func_name, None
     path = Path(mod_part)
     if not path.exists():
@@ -32,26 +30,8 @@ def check_spec(spec: str, what: str = "--data"):
 
 def load_callable(spec: str, what: str = "--data"):
     """``pkg.module:function`` or ``path/to/file.py:function`` -> the function."""
-    mod_part, func_name, path = check_spec(spec, what)
-    if path is not None:
-        # one module per file and process: a second load (the data module imported early to
-        # register its Keras classes, then asked for its function) must not run it again
-        name = f"surgeon_user_{abs(hash(str(path.resolve())))}"
-        module = sys.modules.get(name)
-        if module is None:
-            loader_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[name] = module
-            try:
-                loader_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[name]
-                raise SurgeonError(f"{spec}: {what}: importing {path} failed: {exc}") from None
-    else:
-        try:
-            module = importlib.import_module(mod_part)
-        except ImportError as exc:
-            raise SurgeonError(f"{spec}: {what}: cannot import {mod_part}: {exc}") from None
+    mod_part, func_name, _ = check_spec(spec, what)
+    module = usermod.import_module(mod_part, what, spec)
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise SurgeonError(f"{spec}: {what}: {mod_part} has no function {func_name!r}")
