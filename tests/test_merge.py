@@ -269,3 +269,41 @@ def test_lora_extract_and_load_by_layer_path(zoo):
     other = keras.Model(inp, keras.layers.Dense(10, name="fc9")(inp))
     with pytest.raises(surgeon.SurgeonError, match="adapter layer 'fc1' does not exist in model"):
         surgeon.keras.load_lora(other, low)
+
+
+@pytest.mark.parametrize("src", ["keras", "ckpt"])
+def test_lora_merge_of_einsum_dense_inside_a_nested_model(tmp_path, src):
+    """LoRA on an EinsumDense with a 3-D kernel (factors (8, 3, r) and (r, 2)), held by a
+    nested functional model: the merged plain model gives the LoRA model's outputs, from
+    the .keras and from a TF checkpoint with --like."""
+    import keras
+    import tensorflow as tf
+    rng = np.random.default_rng(1)
+    x, y = rng.random((32, 8)).astype("float32"), rng.random((32, 3)).astype("float32")
+    keras.utils.set_random_seed(1)
+    ii = keras.Input((8,), name="inner_in")
+    e = keras.layers.EinsumDense("ab,bcd->acd", output_shape=(3, 2), bias_axes="d", name="ein")(ii)
+    inner = keras.Model(ii, keras.layers.Flatten(name="flat")(e), name="inner")
+    inp = keras.Input((8,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(inner(inp)), name="ein_lora")
+    inner.get_layer("ein").enable_lora(2, lora_alpha=3)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    model.save(tmp_path / "ein.keras")
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "ck" / "ckpt"))
+    source = tmp_path / "ein.keras" if src == "keras" else tmp_path / "ck"
+    like = ["--like", tmp_path / "ein.keras"] if src == "ckpt" else []
+    out = tmp_path / "plain.keras"
+    res = run_cli("lora", "merge", source, *like, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert [x["layer"] for x in json.loads(res.output)["layers"]] == ["ein"]
+    plain = load_keras_model(out)
+    assert "lora_rank" not in json.dumps(plain.get_config())
+    ein = plain.get_layer("inner").get_layer("ein")
+    kernel = inner.get_layer("ein")
+    want_kernel = np.asarray(kernel._kernel) + 1.5 * np.einsum(
+        "bcr,rd->bcd", np.asarray(kernel.lora_kernel_a), np.asarray(kernel.lora_kernel_b))
+    np.testing.assert_allclose(np.asarray(ein.kernel), want_kernel, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(plain(x, training=False)),
+                               np.asarray(model(x, training=False)), atol=1e-5)
+    assert int(plain.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy())
