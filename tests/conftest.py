@@ -173,9 +173,10 @@ def pytest_assertrepr_compare(config, op, left, right):
     if op != "==":
         return None
     if isinstance(left, (bytes, bytearray)) and isinstance(right, (bytes, bytearray)):
+        import numpy as np
         n = min(len(left), len(right))
-        i = next((k for k in range(0, n, 4096) if left[k:k + 4096] != right[k:k + 4096]), n)
-        i = next((k for k in range(i, min(i + 4096, n)) if left[k] != right[k]), n)
+        differ = np.flatnonzero(np.frombuffer(left, np.uint8, n) != np.frombuffer(right, np.uint8, n))
+        i = int(differ[0]) if differ.size else n
         return [f"byte strings of {len(left)} and {len(right)} bytes",
                 f"first difference at offset {i}: {bytes(left[i:i + 16])!r} != {bytes(right[i:i + 16])!r}"]
     if (isinstance(left, (list, tuple)) and isinstance(right, (list, tuple))
